@@ -1,0 +1,404 @@
+"""Sans-I/O frame codec (SPEC §4.1).
+
+A frame is a header then a body.  The header holds a length field (1, 2, 4 or 8 bytes,
+big- or little-endian) that counts the body, or the whole frame when
+``length_includes_header`` is set, plus optional extra fields before and after it
+(the "customized packet header fields" of MFCAsync, KB Q192570).  The default format
+is a 4-byte unsigned big-endian body length, byte-identical to Twisted's
+``Int32StringReceiver`` and Netty's ``LengthFieldPrepender(4)``.
+
+Theory of operation of :class:`FrameDecoder`: bytes arrive in any split.  Complete
+frames are parsed straight out of the incoming chunk by offset; only the unfinished
+tail is copied into an internal buffer.  While a frame is unfinished, the decoder
+remembers how many bytes complete it and does not re-parse until they are there.
+A declared length is checked against ``max_size`` as soon as the header is
+complete, before any of the body is buffered, so a peer cannot make us allocate
+what it merely claims.  After a :class:`~msgsock.exceptions.ProtocolError` the
+decoder is broken for good: the stream position is lost.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from .exceptions import FrameError, IncompleteMessage, InvalidFormat, MessageTooLarge
+
+__all__ = [
+    "DEFAULT_FORMAT",
+    "DEFAULT_MAX_SIZE",
+    "PRESETS",
+    "FrameDecoder",
+    "FrameFormat",
+    "HeaderField",
+    "Message",
+    "encode",
+]
+
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+"""Default limit on a message body: 16 MiB.  A security limit, see SPEC §7."""
+
+_LENGTH_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_FIELD_CODES = frozenset("bBhHiIlLqQ")
+_ORDER_PREFIX = {"big": ">", "little": "<"}
+
+Byteorder = Literal["big", "little"]
+
+PRESETS: dict[str, tuple[int, Byteorder]] = {
+    "u32be": (4, "big"),
+    "u32le": (4, "little"),
+    "mfc": (4, "little"),  # how an x86 MFC program writes its DWORD length
+    "u16be": (2, "big"),
+    "u16le": (2, "little"),
+    "u8": (1, "big"),
+    "u64be": (8, "big"),
+    "u64le": (8, "little"),
+}
+"""Named length-field presets: name -> (width in bytes, byte order)."""
+
+
+class Message(bytes):
+    """A received message body together with its extra header fields.
+
+    It *is* the body (a ``bytes`` subclass), so code that ignores headers keeps
+    working; ``header`` maps each extra field name to its integer value.  Passing a
+    ``Message`` back to a send method re-uses its header, which is how the echo
+    handler returns the fields it received.
+    """
+
+    header: dict[str, int]
+
+    def __new__(
+        cls, body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None
+    ) -> Message:
+        self = super().__new__(cls, body)
+        self.header = dict(header) if header else {}
+        return self
+
+    def __repr__(self) -> str:
+        return f"Message({bytes(self)!r}, header={self.header!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    """An extra integer header field: its name and ``struct`` code (e.g. ``"B"``, ``"H"``)."""
+
+    name: str
+    code: str
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise InvalidFormat(f"header field name {self.name!r} is not an identifier")
+        if self.code not in _FIELD_CODES:
+            raise InvalidFormat(
+                f"header field {self.name!r} has struct code {self.code!r}; "
+                f"expected one of {''.join(sorted(_FIELD_CODES))}"
+            )
+
+
+@dataclass(frozen=True)
+class FrameFormat:
+    """How messages are framed on a stream.  Frozen and validated at construction.
+
+    Args:
+        length_size: width of the length field in bytes: 1, 2, 4 or 8.
+        byteorder: ``"big"`` or ``"little"``; applies to every header field.
+        length_includes_header: the length counts the whole frame, header included.
+        fields_before: extra header fields placed before the length field.
+        fields_after: extra header fields placed after the length field.
+        max_size: largest body accepted or sent, in bytes; ``None`` means unlimited
+            (only by explicit choice: it lets a peer make us allocate what it claims).
+
+    Raises:
+        InvalidFormat: any argument out of range, or duplicate field names.
+    """
+
+    length_size: int = 4
+    byteorder: Byteorder = "big"
+    length_includes_header: bool = False
+    fields_before: tuple[HeaderField, ...] = ()
+    fields_after: tuple[HeaderField, ...] = ()
+    max_size: int | None = DEFAULT_MAX_SIZE
+
+    # Derived, set in __post_init__.
+    header_size: int = field(init=False, repr=False, compare=False)
+    max_body: int = field(init=False, repr=False, compare=False)
+    """The largest body this format accepts: ``max_size`` capped by the field's range."""
+    _struct: struct.Struct = field(init=False, repr=False, compare=False)
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _length_index: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.length_size not in _LENGTH_CODES:
+            raise InvalidFormat(f"length field width {self.length_size!r} is not one of 1, 2, 4, 8")
+        if self.byteorder not in _ORDER_PREFIX:
+            raise InvalidFormat(f"byte order {self.byteorder!r} is not 'big' or 'little'")
+        if self.max_size is not None and (not isinstance(self.max_size, int) or self.max_size < 0):
+            raise InvalidFormat(f"max_size {self.max_size!r} must be a non-negative int or None")
+        fields = (*self.fields_before, *self.fields_after)
+        names = tuple(f.name for f in fields)
+        for f in fields:
+            if not isinstance(f, HeaderField):
+                raise InvalidFormat(f"header field {f!r} is not a HeaderField")
+        if len(set(names)) != len(names):
+            raise InvalidFormat(f"duplicate header field names in {names}")
+        codes = (
+            "".join(f.code for f in self.fields_before)
+            + _LENGTH_CODES[self.length_size]
+            + "".join(f.code for f in self.fields_after)
+        )
+        st = struct.Struct(_ORDER_PREFIX[self.byteorder] + codes)
+        limit = (1 << (8 * self.length_size)) - 1
+        if self.length_includes_header:
+            limit -= st.size
+        max_body = limit if self.max_size is None else min(limit, self.max_size)
+        setattr_ = object.__setattr__
+        setattr_(self, "_struct", st)
+        setattr_(self, "_names", names)
+        setattr_(self, "_length_index", len(self.fields_before))
+        setattr_(self, "header_size", st.size)
+        setattr_(self, "max_body", max_body)
+
+    # -- construction helpers ---------------------------------------------------------
+
+    @classmethod
+    def parse(cls, spec: str, *, max_size: int | None = DEFAULT_MAX_SIZE) -> FrameFormat:
+        """Build a format from a preset name or a format string (SPEC §4.1).
+
+        ``u32be``; ``u32be+kind:B+flags:H`` (fields after the length);
+        ``magic:H+u16be`` (a field before it); ``u32be!`` (length counts the header).
+
+        Raises:
+            InvalidFormat: naming the part of ``spec`` that is wrong.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            raise InvalidFormat("empty frame format")
+        parts = spec.strip().split("+")
+        before: list[HeaderField] = []
+        after: list[HeaderField] = []
+        length: tuple[int, Byteorder] | None = None
+        includes_header = False
+        for part in parts:
+            if not part:
+                raise InvalidFormat(f"empty part in frame format {spec!r}")
+            if ":" in part:
+                name, _, code = part.partition(":")
+                try:
+                    hf = HeaderField(name, code)
+                except InvalidFormat as exc:
+                    raise InvalidFormat(f"bad part {part!r} in frame format {spec!r}: {exc}") from None
+                (after if length else before).append(hf)
+                continue
+            name = part[:-1] if part.endswith("!") else part
+            if name not in PRESETS:
+                raise InvalidFormat(
+                    f"bad part {part!r} in frame format {spec!r}: not a preset "
+                    f"({', '.join(PRESETS)}) nor a name:CODE field"
+                )
+            if length is not None:
+                raise InvalidFormat(f"bad part {part!r} in frame format {spec!r}: a second length field")
+            length = PRESETS[name]
+            includes_header = part.endswith("!")
+        if length is None:
+            raise InvalidFormat(f"frame format {spec!r} has no length field ({', '.join(PRESETS)})")
+        return cls(
+            length_size=length[0],
+            byteorder=length[1],
+            length_includes_header=includes_header,
+            fields_before=tuple(before),
+            fields_after=tuple(after),
+            max_size=max_size,
+        )
+
+    def with_max_size(self, max_size: int | None) -> FrameFormat:
+        """Return the same format with another ``max_size``."""
+        return replace(self, max_size=max_size)
+
+    def __str__(self) -> str:
+        """The format string that :meth:`parse` turns back into this format."""
+        order = "be" if self.byteorder == "big" else "le"
+        length = "u8" if self.length_size == 1 else f"u{8 * self.length_size}{order}"
+        if self.length_includes_header:
+            length += "!"
+        parts = [f"{f.name}:{f.code}" for f in self.fields_before]
+        parts.append(length)
+        parts += [f"{f.name}:{f.code}" for f in self.fields_after]
+        return "+".join(parts)
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """Names of the extra header fields, in wire order."""
+        return self._names
+
+    # -- encoding ---------------------------------------------------------------------
+
+    def encode_header(self, size: int, header: Mapping[str, int] | None = None) -> bytes:
+        """Return the header bytes for a body of ``size`` bytes.
+
+        Args:
+            size: body length in bytes.
+            header: values of the extra fields; missing fields are 0.
+
+        Raises:
+            MessageTooLarge: ``size`` is above ``max_size`` or the length field's range.
+            InvalidFormat: an unknown field name or a value its struct code cannot hold.
+        """
+        if size > self.max_body:
+            raise MessageTooLarge(size, self.max_body)
+        length = size + self.header_size if self.length_includes_header else size
+        if not self._names:
+            return self._struct.pack(length)
+        values: list[int] = []
+        given = dict(header) if header else {}
+        for name in self._names:
+            values.append(given.pop(name, 0))
+        if given:
+            raise InvalidFormat(
+                f"unknown header field(s) {', '.join(sorted(given))}; "
+                f"format {self} has {', '.join(self._names) or 'none'}"
+            )
+        values.insert(self._length_index, length)
+        try:
+            return self._struct.pack(*values)
+        except struct.error as exc:
+            raise InvalidFormat(
+                f"header values {dict(header or {})} do not fit format {self}: {exc}"
+            ) from None
+
+    def encode_parts(
+        self, body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None
+    ) -> tuple[bytes, bytes | bytearray | memoryview]:
+        """Return ``(header_bytes, body)`` so a large body can be written without a copy.
+
+        When ``header`` is None and ``body`` is a :class:`Message`, its header is used.
+
+        Raises:
+            MessageTooLarge, InvalidFormat: as :meth:`encode_header`.
+        """
+        if header is None and type(body) is Message:
+            header = body.header
+        size = body.nbytes if isinstance(body, memoryview) else len(body)
+        return self.encode_header(size, header), body
+
+    def encode(self, body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None) -> bytes:
+        """Return one whole frame as bytes.
+
+        Raises:
+            MessageTooLarge, InvalidFormat: as :meth:`encode_header`.
+        """
+        head, body = self.encode_parts(body, header)
+        return head + bytes(body)
+
+    def decoder(self) -> FrameDecoder:
+        """Return a new decoder for this format."""
+        return FrameDecoder(self)
+
+
+DEFAULT_FORMAT = FrameFormat()
+
+
+def encode(body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None) -> bytes:
+    """Encode one frame in the default format (4-byte big-endian body length)."""
+    return DEFAULT_FORMAT.encode(body, header)
+
+
+class FrameDecoder:
+    """Turns bytes in any split into the frames that were sent.  Sans-I/O.
+
+    Use :meth:`feed` with each chunk received; it returns the complete messages
+    (``bytes``, or :class:`Message` when the format has extra header fields).
+    """
+
+    __slots__ = ("_buf", "_error", "_need", "format")
+
+    def __init__(self, format: FrameFormat = DEFAULT_FORMAT) -> None:
+        self.format = format
+        self._buf = bytearray()
+        # Total bytes (header + body) of the unfinished frame in _buf, once its header is known.
+        self._need = 0
+        self._error: Exception | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of an unfinished frame."""
+        return len(self._buf)
+
+    @property
+    def in_frame(self) -> bool:
+        """True while part of a frame has arrived but not all of it (for timeouts)."""
+        return bool(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """Take the next chunk of the stream; return the frames it completed.
+
+        Raises:
+            MessageTooLarge: a declared length above ``max_size``.
+            FrameError: a length smaller than the header (``length_includes_header``).
+            ProtocolError: again on every later call, once the stream was found bad.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return []
+            frames, used = self._parse(buf)
+            del buf[:used]
+        else:
+            frames, used = self._parse(data)
+            n = data.nbytes if isinstance(data, memoryview) else len(data)
+            if used < n:
+                buf += data[used:]
+        return frames
+
+    def eof(self) -> None:
+        """Tell the decoder the stream ended.
+
+        Raises:
+            IncompleteMessage: the stream ended inside a frame.
+        """
+        if self._buf:
+            fmt = self.format
+            expected = self._need if len(self._buf) >= fmt.header_size else None
+            raise IncompleteMessage(len(self._buf), expected)
+
+    def _parse(self, data: bytes | bytearray | memoryview) -> tuple[list[Any], int]:
+        fmt = self.format
+        unpack_from = fmt._struct.unpack_from
+        hsize = fmt.header_size
+        max_body = fmt.max_body
+        minus = hsize if fmt.length_includes_header else 0
+        names = fmt._names
+        index = fmt._length_index
+        frames: list[Any] = []
+        pos = 0
+        with memoryview(data) as view:
+            n = view.nbytes
+            while n - pos >= hsize:
+                values = unpack_from(view, pos)
+                size = values[index] - minus
+                if size < 0:
+                    self._error = FrameError(
+                        f"frame length {values[index]} is smaller than the {hsize}-byte header"
+                    )
+                    raise self._error
+                if size > max_body:
+                    self._error = MessageTooLarge(size, max_body)
+                    raise self._error
+                end = pos + hsize + size
+                if end > n:
+                    self._need = end - pos
+                    break
+                body = view[pos + hsize : end].tobytes()
+                if names:
+                    fields = list(values)
+                    del fields[index]
+                    body = Message(body, dict(zip(names, fields, strict=True)))
+                frames.append(body)
+                pos = end
+            else:
+                self._need = hsize
+        return frames, pos

@@ -1,0 +1,285 @@
+"""Sans-I/O state of one framed connection, shared by every I/O layer.
+
+Theory of operation.  A :class:`MessageProtocol` sits between a byte stream and the
+application.  The I/O layer is a pump (STYLE §1):
+
+1. bytes read from the socket go to :meth:`~MessageProtocol.receive_data`, which
+   returns the complete messages; end of stream goes to
+   :meth:`~MessageProtocol.receive_eof`;
+2. the application's messages go to :meth:`~MessageProtocol.send_message`, which
+   encodes them into the outgoing buffer;
+3. the I/O layer writes what :meth:`~MessageProtocol.data_to_send` returns (all of it)
+   or, for partial writes, :meth:`~MessageProtocol.peek_output` then
+   :meth:`~MessageProtocol.consume_output` with the count the kernel took;
+4. once the buffer is empty and :attr:`~MessageProtocol.eof_pending` is set, it shuts
+   down the write side of the socket.
+
+Close states: each direction closes once.  ``send_eof()`` marks our side done (the
+Winsock "shutdown send side" of a graceful close); ``receive_eof()`` marks theirs.
+The state is ``OPEN`` until either happens, ``CLOSED`` when both have, or at once
+when the peer breaks the protocol (``error`` then holds why).
+
+Limits live in :class:`Limits` so every layer reads the same numbers (SPEC §7).  The
+core never reads a clock: it tells the I/O layer when a frame is in progress
+(:attr:`~MessageProtocol.in_frame`) so that layer can run the message timeout.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .exceptions import InvalidState, ProtocolError
+from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat
+
+__all__ = ["Limits", "MessageProtocol", "State", "Statistics"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection and per-server limits (SPEC §7).  Timeouts in seconds; None = off.
+
+    Args:
+        write_high_water: outgoing bytes above which reading from the peer pauses and
+            ``send`` waits (256 KiB).
+        write_low_water: outgoing bytes below which it resumes (64 KiB).
+        max_connections: concurrent connections a server accepts (10,000).
+        idle_timeout: close a connection with no traffic for this long (300 s).
+        message_timeout: close a connection whose started frame does not finish (30 s).
+        handshake_timeout: TLS, authentication and PROXY header deadline (10 s).
+        close_timeout: a graceful close waits this long for the peer's EOF (5 s).
+        shutdown_timeout: a stopping server drains connections this long (5 s).
+        max_threads: thread cap of the thread-per-connection server (1,000).
+
+    Raises:
+        ValueError: a negative value, or low water above high water.
+    """
+
+    write_high_water: int = 256 * 1024
+    write_low_water: int = 64 * 1024
+    max_connections: int = 10_000
+    idle_timeout: float | None = 300.0
+    message_timeout: float | None = 30.0
+    handshake_timeout: float | None = 10.0
+    close_timeout: float = 5.0
+    shutdown_timeout: float = 5.0
+    max_threads: int = 1_000
+
+    def __post_init__(self) -> None:
+        for name in ("write_high_water", "write_low_water", "max_connections", "max_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
+        if self.write_low_water > self.write_high_water:
+            raise ValueError(
+                f"write_low_water {self.write_low_water} is above write_high_water {self.write_high_water}"
+            )
+        for name in ("idle_timeout", "message_timeout", "handshake_timeout"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None, not {value!r}")
+            if value == 0:  # 0 means off, as on the command line
+                object.__setattr__(self, name, None)
+        for name in ("close_timeout", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class State(enum.Enum):
+    """Connection state as the core sees it."""
+
+    OPEN = "open"
+    CLOSING = "closing"  # one direction has closed
+    CLOSED = "closed"
+
+
+@dataclass
+class Statistics:
+    """Counters of one connection (or, summed, of a server)."""
+
+    messages_received: int = 0
+    messages_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+    def add(self, other: Statistics) -> None:
+        """Add another set of counters into this one."""
+        self.messages_received += other.messages_received
+        self.messages_sent += other.messages_sent
+        self.bytes_received += other.bytes_received
+        self.bytes_sent += other.bytes_sent
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {
+            "messages_received": self.messages_received,
+            "messages_sent": self.messages_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_sent": self.bytes_sent,
+        }
+
+
+class MessageProtocol:
+    """Framing, outgoing buffer and close state of one connection.  Sans-I/O.
+
+    Args:
+        frame: the frame format both peers use.
+        limits: the limits in force (the core uses the write water marks).
+    """
+
+    __slots__ = (
+        "_decoder",
+        "_out",
+        "_out_size",
+        "eof_received",
+        "eof_sent",
+        "error",
+        "frame",
+        "limits",
+        "stats",
+    )
+
+    def __init__(self, frame: FrameFormat = DEFAULT_FORMAT, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.frame = frame
+        self.limits = limits
+        self._decoder = FrameDecoder(frame)
+        self._out: deque[bytes | bytearray | memoryview] = deque()
+        self._out_size = 0
+        self.eof_received = False
+        self.eof_sent = False  # send_eof() was called; the EOF goes out after the buffer
+        self.error: ProtocolError | None = None
+        self.stats = Statistics()
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """OPEN, CLOSING (one direction closed) or CLOSED (both, or a protocol error)."""
+        if self.error is not None or (self.eof_received and self.eof_sent):
+            return State.CLOSED
+        if self.eof_received or self.eof_sent:
+            return State.CLOSING
+        return State.OPEN
+
+    @property
+    def in_frame(self) -> bool:
+        """True while a frame has started arriving but is not complete."""
+        return self._decoder.in_frame
+
+    @property
+    def eof_pending(self) -> bool:
+        """True when the I/O layer should shut down its write side now: EOF requested
+        and nothing left to send."""
+        return self.eof_sent and not self._out
+
+    # -- receiving --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Any]:
+        """Feed bytes read from the peer; return the complete messages.
+
+        Raises:
+            ProtocolError: the peer broke the format (the connection is then CLOSED;
+                the I/O layer should close the socket and report ``error``).
+            InvalidState: data after EOF.
+        """
+        if self.eof_received:
+            raise InvalidState("data received after end of stream")
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.error = exc
+            raise
+        stats = self.stats
+        stats.bytes_received += data.nbytes if isinstance(data, memoryview) else len(data)
+        stats.messages_received += len(messages)
+        return messages
+
+    def receive_eof(self) -> None:
+        """Record that the peer closed its sending side.
+
+        Raises:
+            IncompleteMessage: the stream ended inside a frame (recorded as ``error``).
+        """
+        if self.eof_received:
+            return
+        self.eof_received = True
+        try:
+            self._decoder.eof()
+        except ProtocolError as exc:
+            self.error = exc
+            raise
+
+    # -- sending ----------------------------------------------------------------------
+
+    def send_message(
+        self, message: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None
+    ) -> None:
+        """Encode one message into the outgoing buffer.
+
+        A large body is queued as is, not copied; the caller must not change it until
+        it has been written.
+
+        Raises:
+            InvalidState: after ``send_eof()``.
+            MessageTooLarge: the body is above ``max_size`` or the field's range.
+            InvalidFormat: bad header fields.
+        """
+        if self.eof_sent:
+            raise InvalidState("cannot send after the sending side was closed")
+        head, body = self.frame.encode_parts(message, header)
+        size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+        out = self._out
+        if size <= 16384:
+            # Small frames are joined so a burst of replies becomes one write.
+            out.append(head + body)
+        else:
+            out.append(head)
+            out.append(body)
+        self._out_size += size
+        self.stats.messages_sent += 1
+        self.stats.bytes_sent += size
+
+    def send_eof(self) -> None:
+        """Close our sending side once the outgoing buffer has been written."""
+        self.eof_sent = True
+
+    @property
+    def outgoing_size(self) -> int:
+        """Bytes queued and not yet handed to the I/O layer."""
+        return self._out_size
+
+    @property
+    def writing_paused(self) -> bool:
+        """True when the outgoing buffer is above the high-water mark."""
+        return self._out_size > self.limits.write_high_water
+
+    def data_to_send(self) -> list[bytes | bytearray | memoryview]:
+        """Take everything queued for sending (for ``writelines`` or ``sendmsg``)."""
+        chunks = list(self._out)
+        self._out.clear()
+        self._out_size = 0
+        return chunks
+
+    def peek_output(self) -> bytes | bytearray | memoryview:
+        """Return the first queued chunk without taking it (for partial writes); b"" if none."""
+        return self._out[0] if self._out else b""
+
+    def consume_output(self, n: int) -> None:
+        """Drop the first ``n`` bytes of the outgoing buffer (what the kernel accepted)."""
+        out = self._out
+        self._out_size -= n
+        while n:
+            chunk = out[0]
+            size = chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+            if n >= size:
+                out.popleft()
+                n -= size
+            else:
+                out[0] = memoryview(chunk)[n:]
+                n = 0
