@@ -38,12 +38,13 @@ from .framing import (
     Message,
     encode,
 )
-from .protocol import Limits, MessageProtocol, State, Statistics
+from .protocol import DEFAULT_LIMITS, Limits, MessageProtocol, ServerStatistics, State, Statistics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_FORMAT",
+    "DEFAULT_LIMITS",
     "DEFAULT_MAX_SIZE",
     "PRESETS",
     "ArchiveError",
@@ -66,6 +67,7 @@ __all__ = [
     "MsgsockError",
     "ProtocolError",
     "ProxyProtocolError",
+    "ServerStatistics",
     "State",
     "Statistics",
     "Timeout",

@@ -35,7 +35,7 @@ from typing import Any
 from .exceptions import InvalidState, ProtocolError
 from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat
 
-__all__ = ["Limits", "MessageProtocol", "State", "Statistics"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "MessageProtocol", "ServerStatistics", "State", "Statistics"]
 
 
 @dataclass(frozen=True)
@@ -283,3 +283,35 @@ class MessageProtocol:
             else:
                 out[0] = memoryview(chunk)[n:]
                 n = 0
+
+
+@dataclass
+class ServerStatistics(Statistics):
+    """Counters of a server, for its shutdown summary (SPEC §6.1)."""
+
+    connections: int = 0
+    """Connections accepted in all."""
+    active: int = 0
+    """Connections open now."""
+    rejected: int = 0
+    """Connections closed at once because a limit (max connections, threads) was reached."""
+    errors: int = 0
+    """Connections that ended abnormally: protocol errors, resets, timeouts, handler errors."""
+
+    def summary(self) -> str:
+        """One line: connections, messages, bytes, errors."""
+        return (
+            f"{self.connections} connections ({self.rejected} rejected), "
+            f"{self.messages_received} messages in / {self.messages_sent} out, "
+            f"{self.bytes_received} bytes in / {self.bytes_sent} out, {self.errors} errors"
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return {
+            "connections": self.connections,
+            "active": self.active,
+            "rejected": self.rejected,
+            "errors": self.errors,
+            **super().as_dict(),
+        }

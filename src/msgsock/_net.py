@@ -1,0 +1,27 @@
+"""Small socket helpers shared by the I/O layers (not part of the sans-I/O core)."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+__all__ = ["format_address", "set_nodelay"]
+
+
+def format_address(address: Any) -> str:
+    """Format a socket address for logs: ``127.0.0.1:9898``, ``[::1]:9898``, or str() of anything else."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        if ":" in str(host):
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    return str(address)
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle on a TCP socket: messages are written whole, so batching is ours to do."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # the socket may already be reset; the next I/O call will report it
+            pass
