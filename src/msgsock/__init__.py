@@ -11,6 +11,7 @@ exceptions).  The I/O layers are subpackages, imported on demand:
 
 from __future__ import annotations
 
+from .archive import ArchiveReader, ArchiveWriter
 from .exceptions import (
     ArchiveError,
     Cancelled,
@@ -48,6 +49,8 @@ __all__ = [
     "DEFAULT_MAX_SIZE",
     "PRESETS",
     "ArchiveError",
+    "ArchiveReader",
+    "ArchiveWriter",
     "Cancelled",
     "ConcurrencyError",
     "ConnectionClosed",

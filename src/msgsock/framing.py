@@ -58,6 +58,11 @@ PRESETS: dict[str, tuple[int, Byteorder]] = {
 }
 """Named length-field presets: name -> (width in bytes, byte order)."""
 
+# Extra length names accepted by FrameFormat.parse but not listed as presets: a 1-byte
+# length has no byte order, yet the extra header fields follow it, so str() of a
+# little-endian u8 format must be able to say so and parse it back (round trip).
+_LENGTH_NAMES: dict[str, tuple[int, Byteorder]] = {**PRESETS, "u8be": (1, "big"), "u8le": (1, "little")}
+
 
 class Message(bytes):
     """A received message body together with its extra header fields.
@@ -138,10 +143,10 @@ class FrameFormat:
         if self.max_size is not None and (not isinstance(self.max_size, int) or self.max_size < 0):
             raise InvalidFormat(f"max_size {self.max_size!r} must be a non-negative int or None")
         fields = (*self.fields_before, *self.fields_after)
-        names = tuple(f.name for f in fields)
         for f in fields:
             if not isinstance(f, HeaderField):
                 raise InvalidFormat(f"header field {f!r} is not a HeaderField")
+        names = tuple(f.name for f in fields)
         if len(set(names)) != len(names):
             raise InvalidFormat(f"duplicate header field names in {names}")
         codes = (
@@ -153,6 +158,12 @@ class FrameFormat:
         limit = (1 << (8 * self.length_size)) - 1
         if self.length_includes_header:
             limit -= st.size
+            if limit < 0:
+                # The length field could not even count the header: no frame can exist.
+                raise InvalidFormat(
+                    f"a {self.length_size}-byte length that includes the header cannot "
+                    f"count a {st.size}-byte header"
+                )
         max_body = limit if self.max_size is None else min(limit, self.max_size)
         setattr_ = object.__setattr__
         setattr_(self, "_struct", st)
@@ -192,14 +203,14 @@ class FrameFormat:
                 (after if length else before).append(hf)
                 continue
             name = part[:-1] if part.endswith("!") else part
-            if name not in PRESETS:
+            if name not in _LENGTH_NAMES:
                 raise InvalidFormat(
                     f"bad part {part!r} in frame format {spec!r}: not a preset "
                     f"({', '.join(PRESETS)}) nor a name:CODE field"
                 )
             if length is not None:
                 raise InvalidFormat(f"bad part {part!r} in frame format {spec!r}: a second length field")
-            length = PRESETS[name]
+            length = _LENGTH_NAMES[name]
             includes_header = part.endswith("!")
         if length is None:
             raise InvalidFormat(f"frame format {spec!r} has no length field ({', '.join(PRESETS)})")
@@ -216,10 +227,29 @@ class FrameFormat:
         """Return the same format with another ``max_size``."""
         return replace(self, max_size=max_size)
 
+    def __reduce__(self) -> tuple[type[FrameFormat], tuple[Any, ...]]:
+        # The derived struct.Struct cannot be pickled; rebuild from the init fields so a
+        # format can be handed to worker processes (and copied).
+        return (
+            type(self),
+            (
+                self.length_size,
+                self.byteorder,
+                self.length_includes_header,
+                self.fields_before,
+                self.fields_after,
+                self.max_size,
+            ),
+        )
+
     def __str__(self) -> str:
         """The format string that :meth:`parse` turns back into this format."""
         order = "be" if self.byteorder == "big" else "le"
-        length = "u8" if self.length_size == 1 else f"u{8 * self.length_size}{order}"
+        if self.length_size == 1:
+            # "u8" parses as big-endian; say "u8le" so little-endian extra fields round-trip.
+            length = "u8" if self.byteorder == "big" else "u8le"
+        else:
+            length = f"u{8 * self.length_size}{order}"
         if self.length_includes_header:
             length += "!"
         parts = [f"{f.name}:{f.code}" for f in self.fields_before]
@@ -249,6 +279,11 @@ class FrameFormat:
             raise MessageTooLarge(size, self.max_body)
         length = size + self.header_size if self.length_includes_header else size
         if not self._names:
+            if header:
+                # Dropping the caller's fields silently would send something else than asked.
+                raise InvalidFormat(
+                    f"unknown header field(s) {', '.join(sorted(header))}; format {self} has none"
+                )
             return self._struct.pack(length)
         values: list[int] = []
         given = dict(header) if header else {}
@@ -359,7 +394,11 @@ class FrameDecoder:
 
         Raises:
             IncompleteMessage: the stream ended inside a frame.
+            ProtocolError: the error already found, once the stream was found bad (the
+                bytes held then are not an unfinished frame but a bad one).
         """
+        if self._error is not None:
+            raise self._error
         if self._buf:
             fmt = self.format
             expected = self._need if len(self._buf) >= fmt.header_size else None

@@ -271,7 +271,14 @@ class MessageProtocol:
         return self._out[0] if self._out else b""
 
     def consume_output(self, n: int) -> None:
-        """Drop the first ``n`` bytes of the outgoing buffer (what the kernel accepted)."""
+        """Drop the first ``n`` bytes of the outgoing buffer (what the kernel accepted).
+
+        Raises:
+            ValueError: ``n`` is negative or more than is queued (a bookkeeping bug in
+                the I/O layer; the buffer is left unchanged).
+        """
+        if not 0 <= n <= self._out_size:
+            raise ValueError(f"cannot consume {n} bytes of {self._out_size} queued")
         out = self._out
         self._out_size -= n
         while n:
