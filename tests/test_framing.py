@@ -469,12 +469,13 @@ def test_too_large_raised_on_header_alone(
 
 
 def test_too_large_after_good_frames_in_one_chunk() -> None:
-    """An oversize header following good frames in the same chunk still raises MessageTooLarge."""
+    """An oversize header after good frames: the frames come back, then MessageTooLarge is raised."""
     fmt = FrameFormat(max_size=4)
     decoder = fmt.decoder()
-    with pytest.raises(MessageTooLarge):
-        decoder.feed(fmt.encode(b"ok") + _header(fmt, 5) + b"12345")
+    assert decoder.feed(fmt.encode(b"ok") + _header(fmt, 5) + b"12345") == [b"ok"]
     assert decoder.buffered == 0
+    with pytest.raises(MessageTooLarge):
+        decoder.feed(b"")
 
 
 @pytest.mark.parametrize(
@@ -867,3 +868,17 @@ def test_protocol_errors_are_protocol_errors() -> None:
     assert issubclass(MessageTooLarge, ProtocolError)
     assert issubclass(FrameError, ProtocolError)
     assert issubclass(IncompleteMessage, ProtocolError)
+
+
+def test_frames_before_a_bad_header_are_delivered_then_the_error_is_raised() -> None:
+    """Good frames in the same chunk as a bad header are returned; the error comes on the next call."""
+    fmt = FrameFormat(max_size=10)
+    decoder = fmt.decoder()
+    chunk = fmt.encode(b"one") + fmt.encode(b"two") + struct.pack(">I", 11) + b"junk"
+    assert decoder.feed(chunk) == [b"one", b"two"]
+    assert isinstance(decoder.error, MessageTooLarge)
+    assert decoder.error.size == 11
+    with pytest.raises(MessageTooLarge):
+        decoder.feed(b"more")
+    with pytest.raises(MessageTooLarge):
+        decoder.eof()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from msgsock.exceptions import (
@@ -358,3 +360,12 @@ def test_server_statistics_summary() -> None:
     assert server.summary() == (
         "3 connections (1 rejected), 1 messages in / 1 out, 6 bytes in / 6 out, 2 errors"
     )
+
+
+def test_messages_before_a_bad_header_are_returned_and_error_is_set() -> None:
+    """receive_data returns the good messages and sets error (CLOSED) when a bad header follows them."""
+    proto = MessageProtocol(FrameFormat(max_size=10))
+    data = FrameFormat().encode(b"ok") + struct.pack(">I", 1000)
+    assert proto.receive_data(data) == [b"ok"]
+    assert isinstance(proto.error, MessageTooLarge)
+    assert proto.state is State.CLOSED

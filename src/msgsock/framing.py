@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from .exceptions import FrameError, IncompleteMessage, InvalidFormat, MessageTooLarge
+from .exceptions import FrameError, IncompleteMessage, InvalidFormat, MessageTooLarge, ProtocolError
 
 __all__ = [
     "DEFAULT_FORMAT",
@@ -353,12 +353,21 @@ class FrameDecoder:
         self._buf = bytearray()
         # Total bytes (header + body) of the unfinished frame in _buf, once its header is known.
         self._need = 0
-        self._error: Exception | None = None
+        self._error: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes held of an unfinished frame."""
         return len(self._buf)
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The protocol error that broke the stream, if any.
+
+        :meth:`feed` returns the frames completed before a bad header and raises only on
+        the next call, so check this after handling what it returned.
+        """
+        return self._error
 
     @property
     def in_frame(self) -> bool:
@@ -367,6 +376,9 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Take the next chunk of the stream; return the frames it completed.
+
+        When the chunk holds complete frames followed by a bad header, those frames are
+        returned, :attr:`error` is set, and the next call raises it.
 
         Raises:
             MessageTooLarge: a declared length above ``max_size``.
@@ -419,14 +431,18 @@ class FrameDecoder:
             while n - pos >= hsize:
                 values = unpack_from(view, pos)
                 size = values[index] - minus
-                if size < 0:
-                    self._error = FrameError(
-                        f"frame length {values[index]} is smaller than the {hsize}-byte header"
-                    )
-                    raise self._error
-                if size > max_body:
-                    self._error = MessageTooLarge(size, max_body)
-                    raise self._error
+                if size < 0 or size > max_body:
+                    if size < 0:
+                        self._error = FrameError(
+                            f"frame length {values[index]} is smaller than the {hsize}-byte header"
+                        )
+                    else:
+                        self._error = MessageTooLarge(size, max_body)
+                    if not frames:
+                        raise self._error
+                    # The frames before the bad header were sent whole: deliver them, and
+                    # raise on the next call (``error`` tells the caller now).
+                    return frames, n
                 end = pos + hsize + size
                 if end > n:
                     self._need = end - pos

@@ -183,6 +183,11 @@ class MessageProtocol:
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Feed bytes read from the peer; return the complete messages.
 
+        When the data holds complete messages followed by a bad header, the messages are
+        returned and :attr:`error` is set at once (state CLOSED): the I/O layer handles
+        the messages, then closes the connection and reports ``error``.  Check ``error``
+        after every call.
+
         Raises:
             ProtocolError: the peer broke the format (the connection is then CLOSED;
                 the I/O layer should close the socket and report ``error``).
@@ -198,6 +203,8 @@ class MessageProtocol:
         stats = self.stats
         stats.bytes_received += data.nbytes if isinstance(data, memoryview) else len(data)
         stats.messages_received += len(messages)
+        if self._decoder.error is not None:
+            self.error = self._decoder.error
         return messages
 
     def receive_eof(self) -> None:
