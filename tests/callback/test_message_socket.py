@@ -382,6 +382,18 @@ def test_protocol_error_closes_with_eproto(reactor: Reactor, host: str, peers: l
     assert client.wait_closed(unit(5))
 
 
+def test_messages_before_a_bad_header_in_one_write_are_delivered(
+    reactor: Reactor, host: str, peers: list[socket.socket]
+) -> None:
+    """Whole frames sent in the same write as a bad header reach on_message before on_close(EPROTO)."""
+    rec = Recorder()
+    client, peer = client_to_plain_peer(reactor, host, peers, rec, frame=FrameFormat(max_size=100))
+    peer.sendall(encode(b"one") + encode(b"two") + struct.pack(">I", 101))
+    rec.wait_count("close", 1)
+    assert rec.events[1:] == [("message", b"one"), ("message", b"two"), ("close", errno.EPROTO)]
+    assert isinstance(client.error, MessageTooLarge)
+
+
 def test_stream_ending_mid_frame_closes_with_eproto(
     reactor: Reactor, host: str, peers: list[socket.socket]
 ) -> None:

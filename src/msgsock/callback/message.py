@@ -385,6 +385,8 @@ class MessageSocket(AsyncSocket):
             return
         for message in messages:
             self._deliver(self.on_message, message)
+        if self.protocol.error is not None:  # a bad header followed those messages
+            self._protocol_failed(self.protocol.error)
 
     def _eof(self) -> None:
         self._eof_seen = True
