@@ -1,0 +1,689 @@
+"""asyncio servers: :func:`serve` and :class:`Server` (SPEC §5.1, §6.1, §7).
+
+Theory of operation.  Two connection models share one :class:`Server`:
+
+- **per message** (``handler``): each connection is a lean
+  :class:`asyncio.BufferedProtocol` pump.  ``buffer_updated`` feeds the read to the
+  core, calls the handler for every message of that read and writes **all** replies
+  with one transport call: asyncio transports make one send syscall per write, so
+  batching is what makes pipelined traffic fast (SPEC §8).  No asyncio object is
+  created per message for a plain function.  When the handler returns an awaitable,
+  the connection switches to a queue served by one task, in order, until the queue
+  is empty again;
+- **per connection** (``connection_handler``): the handler gets a
+  :class:`~msgsock.aio.connection.Connection` and runs as a task; when it returns,
+  the connection is closed gracefully.
+
+Limits (SPEC §7): over ``max_connections`` a new connection is closed at once.
+When a peer does not read its replies, the transport's write buffer passes the
+high-water mark and reading from that peer pauses until it drains, so memory stays
+bounded.  Idle and message-completion timeouts are run by **one** periodic sweep
+per server over the ``loop.time()`` stamps each read leaves, not by a timer per
+message.
+
+Graceful shutdown (``close()`` then ``wait_closed()``): stop accepting; every
+connection finishes the messages it has already received and flushes the replies;
+then it half-closes (``write_eof``) and waits for the peer to close, everything
+within ``limits.shutdown_timeout``; what is left is aborted.
+
+Log lines (the same as the threaded server's): ``connection from PEER`` and
+``PEER disconnected (N messages in, M out)`` at info; ``PEER closed: REASON`` at
+warning for an abnormal end (no traceback); a handler's exception at error with
+its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import ssl as ssl_module
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, cast
+
+from .._net import format_address, set_nodelay
+from ..exceptions import ConnectionClosed, ProtocolError
+from ..framing import DEFAULT_FORMAT, FrameFormat
+from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, ServerStatistics, Statistics
+from .connection import MESSAGE_OVERHEAD, Connection, describe_os_error, read_buffer
+
+__all__ = ["ConnectionHandler", "Handler", "Server", "serve"]
+
+Reply: TypeAlias = bytes | bytearray | memoryview | None
+Handler: TypeAlias = Callable[[bytes], Reply | Awaitable[Reply]]
+"""A per-message handler: takes a message, returns the reply (or None for no reply),
+or an awaitable of it.  A :class:`~msgsock.framing.Message` reply keeps its header."""
+ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
+"""A per-connection handler: ``async def handler(conn)``."""
+
+DEFAULT_LOGGER = "msgsock.server"
+
+# Why reading from a peer is paused (bits of _HandlerProtocol._paused).
+_PAUSED_WRITE = 1  # our replies to it are above the high-water mark (it does not read)
+_PAUSED_BUSY = 2  # too many messages wait for the async handler
+
+_BUFFER_TYPES = (bytes, bytearray, memoryview)  # a tuple: isinstance is faster than with a union
+
+_MAX_SWEEP_INTERVAL = 1.0
+_MIN_SWEEP_INTERVAL = 0.01
+
+
+def _echo(message: bytes) -> bytes:
+    return message
+
+
+class _HandlerProtocol(asyncio.BufferedProtocol):
+    """One connection of a per-message server: read, call the handler, write replies."""
+
+    __slots__ = (
+        "_closing_since",
+        "_draining",
+        "_failed",
+        "_frame_start",
+        "_handler",
+        "_last_received",
+        "_lost",
+        "_paused",
+        "_peer_eof",
+        "_proto",
+        "_queue",
+        "_queued",
+        "_server",
+        "_shutdown",
+        "_task",
+        "_time",
+        "_tls",
+        "_transport",
+        "_view",
+        "peer",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._handler = server._handler
+        self._proto = MessageProtocol(server.frame, limits=server.limits)
+        self._view = server._view
+        self._time = server._loop.time
+        self._transport: asyncio.Transport | None = None
+        self._tls = False
+        self.peer = "?"
+        self._last_received = 0.0
+        self._frame_start: float | None = None
+        self._closing_since: float | None = None
+        self._queue: deque[Any] | None = None  # messages waiting for the async handler, in order
+        self._queued = 0  # bytes charged for them
+        self._task: asyncio.Task[None] | None = None
+        self._paused = 0
+        self._draining = False  # incoming bytes are no longer processed (shutdown or failure)
+        self._shutdown = False
+        self._peer_eof = False
+        self._failed = False
+        self._lost = False
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only look alike.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self.peer = format_address(transport.get_extra_info("peername"))
+        self._tls = transport.get_extra_info("sslcontext") is not None
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        limits = self._server.limits
+        transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
+        self._last_received = self._time()
+        self._server._connection_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The hot path (SPEC §8): one decode, one handler call per message, one write.
+        self._last_received = now = self._time()
+        if self._draining:
+            return
+        proto = self._proto
+        try:
+            messages = proto.receive_data(self._view[:nbytes])
+        except ProtocolError as exc:
+            self._fail(str(exc), exc)
+            return
+        if proto.in_frame:
+            if self._frame_start is None or messages:
+                self._frame_start = now
+        else:
+            self._frame_start = None
+        if not messages:
+            return
+        if self._queue is not None:  # the async handler is busy: keep the order
+            self._enqueue(messages)
+            return
+        handler = self._handler
+        send = proto.send_message
+        it = iter(messages)
+        try:
+            for message in it:
+                reply = handler(message)
+                if reply is None:
+                    continue
+                if type(reply) is bytes or isinstance(reply, _BUFFER_TYPES):
+                    send(reply)
+                elif inspect.isawaitable(reply):
+                    self._flush()  # replies so far go out before we wait
+                    self._queue = deque()
+                    self._enqueue(list(it))
+                    self._task = self._server._loop.create_task(self._run_queue(reply))
+                    return
+                else:
+                    raise TypeError(
+                        f"handler returned {type(reply).__name__}; expected bytes, None or an awaitable"
+                    )
+        except Exception as exc:
+            self._handler_failed(exc)
+            return
+        chunks = proto.data_to_send()
+        if chunks:
+            assert self._transport is not None
+            if len(chunks) == 1:
+                self._transport.write(chunks[0])
+            else:
+                self._transport.writelines(chunks)
+        if proto.error is not None:  # a bad header followed these messages: replies out, then close
+            self._fail(str(proto.error), proto.error, abort=False)
+
+    def eof_received(self) -> bool:
+        self._peer_eof = True
+        self._frame_start = None
+        if not self._draining:  # else shutting down or failed: the peer's EOF lets us close now
+            try:
+                self._proto.receive_eof()
+            except ProtocolError as exc:  # EOF mid-frame: log it, flush the replies, close
+                self._fail(str(exc), exc, abort=False)
+            else:
+                if self._task is not None and not self._tls:
+                    # The async handler still owes replies: stay open, _run_queue closes.
+                    # (TLS transports close on EOF whatever we return.)
+                    return True
+        elif self._shutdown and self._task is not None and not self._tls:
+            return True  # shutting down: the replies to what was received go out first
+        # transport.close() flushes the replies first; the sweep aborts it if the
+        # peer never takes them (close_timeout).
+        self._closing_since = self._time()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._frame_start = None
+        if self._task is not None:
+            self._task.cancel()
+        if exc is not None:
+            self._fail(describe_os_error(exc), exc, abort=False)
+        self._server._connection_lost(self)
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its replies: stop reading its requests (SPEC §7).
+        self._pause(_PAUSED_WRITE)
+
+    def resume_writing(self) -> None:
+        self._resume(_PAUSED_WRITE)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _pause(self, reason: int) -> None:
+        if not self._paused and self._transport is not None and not self._lost:
+            self._transport.pause_reading()
+        self._paused |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self._paused & reason:
+            self._paused &= ~reason
+            if not self._paused and self._transport is not None and not self._lost:
+                self._transport.resume_reading()
+
+    def _flush(self) -> None:
+        chunks = self._proto.data_to_send()
+        if chunks and self._transport is not None and not self._lost:
+            if len(chunks) == 1:
+                self._transport.write(chunks[0])
+            else:
+                self._transport.writelines(chunks)
+
+    def _reply(self, reply: object) -> None:
+        if reply is None:
+            return
+        if not isinstance(reply, _BUFFER_TYPES):
+            raise TypeError(f"handler returned {type(reply).__name__}; expected bytes or None")
+        self._proto.send_message(reply)
+
+    def _enqueue(self, messages: list[Any]) -> None:
+        assert self._queue is not None
+        self._queue.extend(messages)
+        self._queued += sum(map(len, messages)) + MESSAGE_OVERHEAD * len(messages)
+        if self._queued > self._server.limits.write_high_water:
+            self._pause(_PAUSED_BUSY)
+
+    async def _run_queue(self, first: Awaitable[Any]) -> None:
+        """Serve queued messages in order while the handler is asynchronous."""
+        queue = self._queue
+        assert queue is not None
+        handler = self._handler
+        low = self._server.limits.write_low_water
+        try:
+            self._reply(await first)
+            while queue:
+                message = queue.popleft()
+                self._queued -= len(message) + MESSAGE_OVERHEAD
+                if self._paused & _PAUSED_BUSY and self._queued <= low:
+                    self._resume(_PAUSED_BUSY)
+                reply = handler(message)
+                if inspect.isawaitable(reply):
+                    self._flush()
+                    reply = await reply
+                self._reply(reply)
+            self._flush()
+        except Exception as exc:
+            self._handler_failed(exc)
+            return
+        finally:
+            self._queue = None
+            self._queued = 0
+            self._task = None
+        self._resume(_PAUSED_BUSY)
+        if self._shutdown:
+            self._half_close()
+        elif self._peer_eof and self._transport is not None and not self._lost:
+            self._closing_since = self._time()
+            self._transport.close()
+
+    def _fail(self, reason: str, cause: BaseException | None, *, abort: bool = True) -> None:
+        """An abnormal end (protocol error, reset, timeout): log once, close at once."""
+        self._draining = True
+        self._frame_start = None
+        if not self._failed:
+            self._failed = True
+            self._server._connection_failed(self, reason)
+        if self._transport is not None and not self._lost:
+            if abort:
+                self._transport.abort()
+            else:  # flush what is queued (replies to the messages before the error), then close
+                self._transport.close()
+
+    def _handler_failed(self, exc: Exception) -> None:
+        self._draining = True
+        if not self._failed:
+            self._failed = True
+            self._server._handler_failed(self, exc)
+        # The replies computed before the failure still go out; then close.
+        self._flush()
+        if self._transport is not None and not self._lost:
+            self._closing_since = self._time()
+            self._transport.close()
+
+    def _begin_shutdown(self) -> None:
+        # SPEC §6.1: finish the messages already received, then half-close.
+        self._shutdown = True
+        self._draining = True
+        self._frame_start = None
+        if self._task is None:
+            self._half_close()
+
+    def _half_close(self) -> None:
+        transport = self._transport
+        if transport is None or self._lost or transport.is_closing():
+            return
+        self._flush()
+        self._proto.send_eof()
+        self._closing_since = self._time()
+        if self._peer_eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        # Read on (discarding) only to see the peer's EOF; memory stays bounded.
+        if self._paused:
+            self._paused = 0
+            transport.resume_reading()
+
+
+_Conn: TypeAlias = "_HandlerProtocol | Connection"
+
+
+class Server:
+    """A listening msgsock server (SPEC §5.1).  Made by :func:`serve`.
+
+    Use it as an async context manager (leaving it closes gracefully), or call
+    :meth:`serve_forever`, :meth:`close` and :meth:`wait_closed`.
+
+    Attributes:
+        frame: the frame format of every connection.
+        limits: the limits in force.
+        logger: where connections, disconnections and errors are logged.
+    """
+
+    def __init__(
+        self,
+        handler: Handler | None,
+        connection_handler: ConnectionHandler | None,
+        *,
+        frame: FrameFormat,
+        limits: Limits,
+        logger: logging.Logger,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._handler: Handler = handler if handler is not None else _echo
+        self._connection_handler = connection_handler
+        self.frame = frame
+        self.limits = limits
+        self.logger = logger
+        self._view = read_buffer()
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._totals = Statistics()  # counters of connections that have ended
+        self._accepted = 0
+        self._rejected = 0
+        self._errors = 0
+        self._closing = False
+        self._deadline = 0.0
+        self._stopped = asyncio.Event()
+        self._all_closed = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        timeouts = [t for t in (limits.idle_timeout, limits.message_timeout, limits.close_timeout) if t]
+        interval = min(timeouts) / 4 if timeouts else _MAX_SWEEP_INTERVAL
+        self._sweep_interval = max(_MIN_SWEEP_INTERVAL, min(_MAX_SWEEP_INTERVAL, interval))
+
+    async def _start(
+        self,
+        host: str | None,
+        port: int,
+        *,
+        ssl: ssl_module.SSLContext | None,
+        reuse_port: bool,
+        backlog: int,
+        sock: socket.socket | None,
+    ) -> None:
+        factory: Callable[[], asyncio.BaseProtocol]
+        if self._connection_handler is None:
+
+            def factory() -> asyncio.BaseProtocol:
+                return _HandlerProtocol(self)
+
+        else:
+
+            def factory() -> asyncio.BaseProtocol:
+                return Connection(self.frame, self.limits, server=self)
+
+        kwargs: dict[str, Any] = {"backlog": backlog}
+        if reuse_port:
+            kwargs["reuse_port"] = True
+        if ssl is not None:
+            kwargs["ssl"] = ssl
+            if self.limits.handshake_timeout is not None:
+                kwargs["ssl_handshake_timeout"] = self.limits.handshake_timeout
+        if sock is not None:
+            self._server = await self._loop.create_server(factory, sock=sock, **kwargs)
+        else:
+            self._server = await self._loop.create_server(factory, host, port, **kwargs)
+        self._sweep_handle = self._loop.call_later(self._sweep_interval, self._sweep)
+
+    # -- information --------------------------------------------------------------------
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets."""
+        return list(self._server.sockets) if self._server is not None else []
+
+    @property
+    def addresses(self) -> list[Any]:
+        """The listening addresses, e.g. ``[("127.0.0.1", 9898)]``."""
+        return [s.getsockname() for s in self.sockets]
+
+    @property
+    def port(self) -> int:
+        """The listening port (the real one when ``port=0`` was asked for)."""
+        addresses = self.addresses
+        return int(addresses[0][1]) if addresses else 0
+
+    def statistics(self) -> ServerStatistics:
+        """Counters so far: connections, rejections, errors, messages and bytes each way.
+
+        ``connections`` counts the connections served; ``rejected`` the ones closed
+        at once because ``max_connections`` were open.
+        """
+        stats = ServerStatistics(
+            connections=self._accepted,
+            active=len(self._connections),
+            rejected=self._rejected,
+            errors=self._errors,
+        )
+        stats.add(self._totals)
+        for conn in self._connections:
+            stats.add(conn._proto.stats)
+        return stats
+
+    def __repr__(self) -> str:
+        where = ", ".join(format_address(a) for a in self.addresses)
+        return f"<Server {where} {len(self._connections)} connections>"
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`close` is called (or the task is cancelled), then shut down gracefully.
+
+        Raises:
+            asyncio.CancelledError: the task was cancelled (after the graceful shutdown).
+        """
+        try:
+            await self._stopped.wait()
+        except asyncio.CancelledError:
+            self.close()
+            await self.wait_closed()
+            raise
+        await self.wait_closed()
+
+    def close(self) -> None:
+        """Begin a graceful shutdown: stop accepting, drain connections (see :meth:`wait_closed`)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._deadline = self._loop.time() + self.limits.shutdown_timeout
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections):
+            conn._begin_shutdown()
+        if not self._connections:
+            self._all_closed.set()
+        self._stopped.set()
+
+    async def wait_closed(self) -> None:
+        """Wait for the end of the shutdown that :meth:`close` began.
+
+        Every connection finishes the messages already received and flushes the
+        replies, half-closes and waits for its peer to close, all within
+        ``limits.shutdown_timeout``; the connections left then are aborted.
+        """
+        await self._stopped.wait()
+        if self._shutdown_task is None:
+            self._shutdown_task = self._loop.create_task(self._shutdown())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self) -> None:
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), max(0.0, self._deadline - self._loop.time()))
+        except TimeoutError:
+            for conn in list(self._connections):
+                conn._fail(f"shutdown_timeout {self.limits.shutdown_timeout:g} s passed", None)
+            for task in list(self._tasks):
+                task.cancel()
+            try:  # aborted transports report connection_lost on the next loop iterations
+                await asyncio.wait_for(self._all_closed.wait(), 1.0)
+            except TimeoutError:
+                pass
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # -- connection bookkeeping (called by the connections) -----------------------------
+
+    def _connection_made(self, conn: _Conn) -> None:
+        transport = conn._transport
+        assert transport is not None
+        if self._closing:  # accepted while stopping: nothing of it was served
+            conn._draining = True
+            transport.abort()
+            return
+        limit = self.limits.max_connections
+        active = len(self._connections)
+        if active >= limit:
+            self._rejected += 1
+            self.logger.warning("%s rejected: %d connections open (limit %d)", conn.peer, active, limit)
+            conn._draining = True
+            transport.close()
+            return
+        self._accepted += 1
+        self._connections.add(conn)
+        self.logger.info("connection from %s", conn.peer)
+        if isinstance(conn, Connection):
+            task = self._loop.create_task(self._run_connection(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _connection_lost(self, conn: _Conn) -> None:
+        if conn not in self._connections:
+            return  # rejected
+        self._connections.discard(conn)
+        stats = conn._proto.stats
+        self._totals.add(stats)
+        if not conn._failed:  # an abnormal end was logged as "closed: REASON" instead
+            self.logger.info(
+                "%s disconnected (%d messages in, %d out)",
+                conn.peer,
+                stats.messages_received,
+                stats.messages_sent,
+            )
+        if self._closing and not self._connections:
+            self._all_closed.set()
+
+    def _connection_failed(self, conn: _Conn, reason: str) -> None:
+        if conn not in self._connections:
+            return
+        self._errors += 1
+        self.logger.warning("%s closed: %s", conn.peer, reason)
+
+    def _handler_failed(self, conn: _Conn, exc: BaseException) -> None:
+        self._errors += 1
+        self.logger.error(
+            "%s closed: handler raised %s: %s", conn.peer, type(exc).__name__, exc, exc_info=exc
+        )
+
+    async def _run_connection(self, conn: Connection) -> None:
+        handler = self._connection_handler
+        assert handler is not None
+        try:
+            await handler(conn)
+        except asyncio.CancelledError:
+            conn.abort()
+            return
+        except Exception as exc:
+            # A ConnectionClosed or ProtocolError escaping the handler was already
+            # reported by the connection (or is a clean end); anything else is a bug.
+            quiet = isinstance(exc, ConnectionClosed | ProtocolError) and (
+                conn._failed or (isinstance(exc, ConnectionClosed) and exc.clean)
+            )
+            if not quiet:
+                conn._failed = True
+                self._handler_failed(conn, exc)
+                conn.abort()
+                return
+        await conn.close()
+
+    def _sweep(self) -> None:
+        # One periodic pass over all connections instead of a timer per message (SPEC §7).
+        now = self._loop.time()
+        limits = self.limits
+        idle = limits.idle_timeout
+        complete = limits.message_timeout
+        close_timeout = limits.close_timeout
+        if not self._closing:
+            for conn in list(self._connections):
+                if conn._lost:
+                    continue
+                closing_since = conn._closing_since
+                if closing_since is not None:
+                    if now - closing_since > close_timeout and conn._transport is not None:
+                        conn._transport.abort()  # the peer will not take the rest
+                    continue
+                frame_start = conn._frame_start
+                if complete is not None and frame_start is not None and now - frame_start > complete:
+                    conn._fail(f"message timeout: a frame was not completed within {complete:g} s", None)
+                elif idle is not None and now - conn._last_received > idle:
+                    conn._fail(f"idle timeout: nothing received for {idle:g} s", None)
+        self._sweep_handle = self._loop.call_later(self._sweep_interval, self._sweep)
+
+
+async def serve(
+    handler: Handler | None = None,
+    host: str | None = "127.0.0.1",
+    port: int = 9898,
+    *,
+    connection_handler: ConnectionHandler | None = None,
+    frame: FrameFormat = DEFAULT_FORMAT,
+    limits: Limits = DEFAULT_LIMITS,
+    ssl: ssl_module.SSLContext | None = None,
+    reuse_port: bool = False,
+    backlog: int = 1024,
+    sock: socket.socket | None = None,
+    logger: logging.Logger | None = None,
+) -> Server:
+    """Start a framed server and return it, listening.
+
+    Give either ``handler`` (called for every message; its return value is the
+    reply, None for none; it may be a coroutine function, replies stay in order) or
+    ``connection_handler`` (``async def h(conn)``, the connection is closed
+    gracefully when it returns).  With neither, the server echoes every message.
+
+    Args:
+        handler: the per-message handler.
+        host: the address to bind (loopback by default; None for every interface).
+        port: the TCP port; 0 picks a free one (see :attr:`Server.port`).
+        connection_handler: the per-connection handler.
+        frame: the frame format of every connection.
+        limits: limits in force (SPEC §7).
+        ssl: a server TLS context, to serve TLS.
+        reuse_port: set SO_REUSEPORT (several processes on one port).
+        backlog: the listen backlog.
+        sock: an already bound socket to serve on instead of ``host``/``port``.
+        logger: where to log (default ``logging.getLogger("msgsock.server")``).
+
+    Returns:
+        The running :class:`Server`.
+
+    Raises:
+        ValueError: both ``handler`` and ``connection_handler`` were given.
+        OSError: the address cannot be bound (e.g. in use).
+    """
+    if handler is not None and connection_handler is not None:
+        raise ValueError("give either handler or connection_handler, not both")
+    server = Server(
+        handler,
+        connection_handler,
+        frame=frame,
+        limits=limits,
+        logger=logger if logger is not None else logging.getLogger(DEFAULT_LOGGER),
+    )
+    await server._start(host, port, ssl=ssl, reuse_port=reuse_port, backlog=backlog, sock=sock)
+    return server
