@@ -369,3 +369,40 @@ def test_messages_before_a_bad_header_are_returned_and_error_is_set() -> None:
     assert proto.receive_data(data) == [b"ok"]
     assert isinstance(proto.error, MessageTooLarge)
     assert proto.state is State.CLOSED
+
+
+@pytest.mark.parametrize("spec", ["u32be", "u16le", "u32be+kind:B", "magic:H+u16be!"])
+def test_receive_echo_queues_exactly_the_frames_received_in_any_split(spec: str) -> None:
+    """The echo fast path sends back byte-identical frames, whatever the split of the input."""
+    fmt = FrameFormat.parse(spec)
+    header = {name: 7 for name in fmt.field_names}
+    stream = b"".join(fmt.encode(b"x" * size, header) for size in (0, 1, 5, 300))
+    for split in range(len(stream) + 1):
+        proto = MessageProtocol(fmt)
+        assert proto.receive_echo(stream[:split]) + proto.receive_echo(stream[split:]) == stream
+        assert proto.stats.messages_received == proto.stats.messages_sent == 4
+        assert proto.stats.bytes_received == proto.stats.bytes_sent == len(stream)
+
+
+def test_receive_echo_checks_headers_and_keeps_earlier_frames() -> None:
+    """An oversize header stops the echo; the frames before it are still echoed and error is set."""
+    fmt = FrameFormat(max_size=10)
+    proto = MessageProtocol(fmt)
+    good = fmt.encode(b"ok")
+    assert proto.receive_echo(good + struct.pack(">I", 11) + b"rest") == good
+    assert isinstance(proto.error, MessageTooLarge)
+    proto = MessageProtocol(fmt)
+    with pytest.raises(MessageTooLarge):
+        proto.receive_echo(struct.pack(">I", 11))
+
+
+def test_send_many_joins_small_replies_and_skips_none() -> None:
+    """send_many queues the replies of one read as one chunk, skipping None, keeping Message headers."""
+    proto = MessageProtocol(FrameFormat.parse("u32be+kind:B"))
+    proto.send_many([Message(b"a", {"kind": 1}), None, b"bc"])
+    chunks = proto.data_to_send()
+    assert len(chunks) == 1
+    assert chunks[0] == b"\x00\x00\x00\x01\x01a" + b"\x00\x00\x00\x02\x00bc"
+    assert proto.stats.messages_sent == 2
+    with pytest.raises(TypeError):
+        proto.send_many(["text"])  # type: ignore[list-item]

@@ -346,7 +346,16 @@ class FrameDecoder:
     (``bytes``, or :class:`Message` when the format has extra header fields).
     """
 
-    __slots__ = ("_buf", "_error", "_need", "format")
+    __slots__ = (
+        "_buf",
+        "_error",
+        "_hsize",
+        "_max_body",
+        "_need",
+        "_plain",
+        "_unpack",
+        "format",
+    )
 
     def __init__(self, format: FrameFormat = DEFAULT_FORMAT) -> None:
         self.format = format
@@ -354,6 +363,12 @@ class FrameDecoder:
         # Total bytes (header + body) of the unfinished frame in _buf, once its header is known.
         self._need = 0
         self._error: ProtocolError | None = None
+        # Hot-path constants (SPEC §8): bound once, not looked up per frame.
+        self._unpack = format._struct.unpack_from
+        self._hsize = format.header_size
+        self._max_body = format.max_body
+        # A plain format (length only, counting the body) takes the short loop in _parse.
+        self._plain = not format._names and not format.length_includes_header
 
     @property
     def buffered(self) -> int:
@@ -392,14 +407,121 @@ class FrameDecoder:
             buf += data
             if len(buf) < self._need:
                 return []
-            frames, used = self._parse(buf)
+            # The internal buffer is exported to a memoryview while parsing and must be
+            # released before it is resized.
+            with memoryview(buf) as view:
+                frames, used = self._parse(view, len(buf))
             del buf[:used]
-        else:
-            frames, used = self._parse(data)
-            n = data.nbytes if isinstance(data, memoryview) else len(data)
-            if used < n:
-                buf += data[used:]
+            return frames
+        if type(data) is bytearray:
+            # Slices of a bytearray are bytearrays; parse a view so bodies come out as bytes.
+            with memoryview(data) as view:
+                frames, used = self._parse(view, len(data))
+                if used < len(data):
+                    buf += view[used:]
+            return frames
+        n = data.nbytes if type(data) is memoryview else len(data)
+        frames, used = self._parse(data, n)
+        if used < n:
+            buf += data[used:]
         return frames
+
+    def feed_span(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """Like :meth:`feed`, but return the complete frames as one span of raw bytes.
+
+        Every header is checked exactly as :meth:`feed` checks it; the frames are not
+        split into bodies.  This is the echo fast path (SPEC §8): an echo of the span is
+        byte-identical to re-encoding each message with its header fields.
+
+        Returns:
+            ``(count, span)``: how many frames completed, and their bytes, headers included.
+
+        Raises:
+            As :meth:`feed` (frames before a bad header are returned first).
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if not buf and self._plain and type(data) is memoryview:
+            # The echo server's hot path, inlined (one call per read): a plain format,
+            # nothing buffered, a view of the I/O layer's read buffer.
+            unpack = self._unpack
+            hsize = self._hsize
+            max_body = self._max_body
+            n = len(data)
+            pos = count = 0
+            while n - pos >= hsize:
+                size = unpack(data, pos)[0]
+                if size > max_body:
+                    self._error = MessageTooLarge(size, max_body)
+                    if not count:
+                        raise self._error
+                    return count, data[:pos].tobytes()  # the good frames; the error comes next time
+                end = pos + hsize + size
+                if end > n:
+                    self._need = end - pos
+                    break
+                pos = end
+                count += 1
+            else:
+                self._need = hsize
+            if pos < n:
+                buf += data[pos:]
+            return count, (data[:pos].tobytes() if pos else b"")
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return 0, b""
+            with memoryview(buf) as view:
+                count, used = self._scan(view, len(buf))
+                span = view[:used].tobytes()
+            if self._error is not None:
+                buf.clear()  # what follows a bad header is not a frame
+            else:
+                del buf[:used]
+            return count, span
+        if type(data) is memoryview:  # the I/O layers' case: no second view needed
+            return self._scan_span(data)
+        with memoryview(data) as view:
+            return self._scan_span(view)
+
+    def _scan_span(self, view: memoryview) -> tuple[int, bytes]:
+        n = len(view)
+        count, used = self._scan(view, n)
+        if used < n and self._error is None:
+            self._buf += view[used:]
+        return count, (view[:used].tobytes() if used else b"")
+
+    def _scan(self, view: memoryview, n: int) -> tuple[int, int]:
+        """Check the headers of the complete frames in ``view[:n]``; return (count, bytes used)."""
+        unpack = self._unpack
+        hsize = self._hsize
+        max_body = self._max_body
+        fmt = self.format
+        minus = hsize if fmt.length_includes_header else 0
+        index = fmt._length_index
+        count = pos = 0
+        while n - pos >= hsize:
+            length = unpack(view, pos)[index]
+            size = length - minus
+            if size < 0 or size > max_body:
+                error: ProtocolError = (
+                    MessageTooLarge(size, max_body)
+                    if size >= 0
+                    else FrameError(f"frame length {length} is smaller than the {hsize}-byte header")
+                )
+                self._error = error
+                if not count:
+                    raise error
+                return count, pos  # deliver the good frames; the error is raised next time
+            end = pos + hsize + size
+            if end > n:
+                self._need = end - pos
+                return count, pos
+            count += 1
+            pos = end
+        self._need = hsize
+        return count, pos
 
     def eof(self) -> None:
         """Tell the decoder the stream ended.
@@ -412,48 +534,69 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         if self._buf:
-            fmt = self.format
-            expected = self._need if len(self._buf) >= fmt.header_size else None
+            expected = self._need if len(self._buf) >= self._hsize else None
             raise IncompleteMessage(len(self._buf), expected)
 
-    def _parse(self, data: bytes | bytearray | memoryview) -> tuple[list[Any], int]:
-        fmt = self.format
-        unpack_from = fmt._struct.unpack_from
-        hsize = fmt.header_size
-        max_body = fmt.max_body
-        minus = hsize if fmt.length_includes_header else 0
-        names = fmt._names
-        index = fmt._length_index
+    def _parse(self, data: bytes | memoryview, n: int) -> tuple[list[Any], int]:
+        """Parse the complete frames of ``data[:n]``; return them and the bytes they used.
+
+        ``data`` is ``bytes`` or a ``memoryview`` (a slice of either is one copy of
+        the body, as bytes) -- never a bytearray.
+        """
+        unpack = self._unpack
+        hsize = self._hsize
+        max_body = self._max_body
         frames: list[Any] = []
         pos = 0
-        with memoryview(data) as view:
-            n = view.nbytes
+        if self._plain:
+            # The common case, kept short: one unpack and one slice per frame.
             while n - pos >= hsize:
-                values = unpack_from(view, pos)
-                size = values[index] - minus
-                if size < 0 or size > max_body:
-                    if size < 0:
-                        self._error = FrameError(
-                            f"frame length {values[index]} is smaller than the {hsize}-byte header"
-                        )
-                    else:
-                        self._error = MessageTooLarge(size, max_body)
-                    if not frames:
-                        raise self._error
-                    # The frames before the bad header were sent whole: deliver them, and
-                    # raise on the next call (``error`` tells the caller now).
-                    return frames, n
+                size = unpack(data, pos)[0]
+                if size > max_body:
+                    return self._bad(frames, n, MessageTooLarge(size, max_body))
                 end = pos + hsize + size
                 if end > n:
                     self._need = end - pos
-                    break
-                body = view[pos + hsize : end].tobytes()
-                if names:
-                    fields = list(values)
-                    del fields[index]
-                    body = Message(body, dict(zip(names, fields, strict=True)))
-                frames.append(body)
+                    return frames, pos
+                body = data[pos + hsize : end]
+                frames.append(body if type(body) is bytes else body.tobytes())  # type: ignore[union-attr]
                 pos = end
-            else:
-                self._need = hsize
+            self._need = hsize
+            return frames, pos
+        fmt = self.format
+        minus = hsize if fmt.length_includes_header else 0
+        names = fmt._names
+        index = fmt._length_index
+        while n - pos >= hsize:
+            values = unpack(data, pos)
+            size = values[index] - minus
+            if size < 0:
+                error: ProtocolError = FrameError(
+                    f"frame length {values[index]} is smaller than the {hsize}-byte header"
+                )
+                return self._bad(frames, n, error)
+            if size > max_body:
+                return self._bad(frames, n, MessageTooLarge(size, max_body))
+            end = pos + hsize + size
+            if end > n:
+                self._need = end - pos
+                return frames, pos
+            body = data[pos + hsize : end]
+            if type(body) is not bytes:
+                body = body.tobytes()  # type: ignore[union-attr]
+            if names:
+                fields = list(values)
+                del fields[index]
+                body = Message(body, dict(zip(names, fields, strict=True)))
+            frames.append(body)
+            pos = end
+        self._need = hsize
         return frames, pos
+
+    def _bad(self, frames: list[Any], n: int, error: ProtocolError) -> tuple[list[Any], int]:
+        self._error = error
+        if not frames:
+            raise error
+        # The frames before the bad header were sent whole: deliver them, and raise on
+        # the next call (``error`` tells the caller now).
+        return frames, n

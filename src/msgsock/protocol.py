@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import InvalidState, ProtocolError
+from .exceptions import InvalidState, MessageTooLarge, ProtocolError
 from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat
 
 __all__ = ["DEFAULT_LIMITS", "Limits", "MessageProtocol", "ServerStatistics", "State", "Statistics"]
@@ -90,6 +90,11 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+_JOIN_LIMIT = 16384
+"""Frames up to this size are copied into one chunk with their header (one write);
+larger bodies are queued as they are, after their header, so they are not copied."""
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
 
 class State(enum.Enum):
     """Connection state as the core sees it."""
@@ -134,9 +139,15 @@ class MessageProtocol:
     """
 
     __slots__ = (
+        "_active_since",
         "_decoder",
+        "_frame_messages",
+        "_frame_since",
+        "_max_body",
         "_out",
         "_out_size",
+        "_pack",
+        "_seen_bytes",
         "eof_received",
         "eof_sent",
         "error",
@@ -149,12 +160,22 @@ class MessageProtocol:
         self.frame = frame
         self.limits = limits
         self._decoder = FrameDecoder(frame)
+        # Hot-path constants: a plain format (length only, counting the body) encodes
+        # with one pack; others go through FrameFormat.encode_parts.
+        plain = not frame.field_names and not frame.length_includes_header
+        self._pack = frame._struct.pack if plain else None
+        self._max_body = frame.max_body
         self._out: deque[bytes | bytearray | memoryview] = deque()
         self._out_size = 0
         self.eof_received = False
         self.eof_sent = False  # send_eof() was called; the EOF goes out after the buffer
         self.error: ProtocolError | None = None
         self.stats = Statistics()
+        # Timeout bookkeeping, updated only by check_timeouts() (never on the hot path).
+        self._seen_bytes = -1
+        self._active_since = 0.0
+        self._frame_messages = -1
+        self._frame_since = 0.0
 
     # -- state ------------------------------------------------------------------------
 
@@ -178,6 +199,37 @@ class MessageProtocol:
         and nothing left to send."""
         return self.eof_sent and not self._out
 
+    def check_timeouts(self, now: float) -> str | None:
+        """Decide the idle and message-completion timeouts (SPEC §7) at time ``now``.
+
+        The core reads no clock: the I/O layer calls this periodically (one sweep over
+        all connections every fraction of the shortest timeout) with its clock's time.
+        Activity is seen by comparing the counters with the previous call, so the hot
+        path does no timekeeping at all.  A timeout fires between its value and its
+        value plus one sweep interval after the last activity.
+
+        Returns:
+            The reason to close the connection, or None.
+        """
+        received = self.stats.bytes_received
+        if received != self._seen_bytes:
+            self._seen_bytes = received
+            self._active_since = now
+        limits = self.limits
+        if self._decoder._buf:
+            # A frame is in progress; it is "the same frame" while no message completes.
+            done = self.stats.messages_received
+            if done != self._frame_messages:
+                self._frame_messages = done
+                self._frame_since = now
+            elif limits.message_timeout is not None and now - self._frame_since > limits.message_timeout:
+                return f"message timeout: a frame was not completed within {limits.message_timeout:g} s"
+        else:
+            self._frame_messages = -1
+        if limits.idle_timeout is not None and now - self._active_since > limits.idle_timeout:
+            return f"idle timeout: nothing received for {limits.idle_timeout:g} s"
+        return None
+
     # -- receiving --------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Any]:
@@ -195,17 +247,53 @@ class MessageProtocol:
         """
         if self.eof_received:
             raise InvalidState("data received after end of stream")
+        decoder = self._decoder
         try:
-            messages = self._decoder.feed(data)
+            messages = decoder.feed(data)
         except ProtocolError as exc:
             self.error = exc
             raise
         stats = self.stats
-        stats.bytes_received += data.nbytes if isinstance(data, memoryview) else len(data)
+        stats.bytes_received += len(data)
         stats.messages_received += len(messages)
-        if self._decoder.error is not None:
-            self.error = self._decoder.error
+        if decoder._error is not None:
+            self.error = decoder._error
         return messages
+
+    def receive_echo(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Feed bytes read from the peer; return every complete frame, unchanged, to send back.
+
+        The echo fast path (SPEC §8): headers are checked as :meth:`receive_data`
+        checks them, but the frames come back as one span instead of being split into
+        messages and re-encoded (the bytes are the same, header fields included).  The
+        span is counted as sent; the caller writes it at once, after anything already
+        queued (so call :meth:`data_to_send` first if the queue may hold data).
+
+        Returns:
+            The bytes to send back (``b""`` when no frame completed).
+
+        Raises:
+            As :meth:`receive_data`; InvalidState after ``send_eof()``.
+        """
+        if self.eof_received:
+            raise InvalidState("data received after end of stream")
+        if self.eof_sent:
+            raise InvalidState("cannot send after the sending side was closed")
+        decoder = self._decoder
+        try:
+            count, span = decoder.feed_span(data)
+        except ProtocolError as exc:
+            self.error = exc
+            raise
+        stats = self.stats
+        stats.bytes_received += len(data)
+        if count:
+            stats.messages_received += count
+            stats.messages_sent += count
+            stats.bytes_sent += len(span)
+        if decoder._error is not None:
+            self.error = decoder._error
+        return span
 
     def receive_eof(self) -> None:
         """Record that the peer closed its sending side.
@@ -239,18 +327,53 @@ class MessageProtocol:
         """
         if self.eof_sent:
             raise InvalidState("cannot send after the sending side was closed")
-        head, body = self.frame.encode_parts(message, header)
-        size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
-        out = self._out
-        if size <= 16384:
-            # Small frames are joined so a burst of replies becomes one write.
-            out.append(head + body)
+        pack = self._pack
+        if pack is not None and header is None and type(message) is bytes:
+            # The common case: plain format, a bytes body (Message needs encode_parts).
+            size = len(message)
+            if size > self._max_body:
+                raise MessageTooLarge(size, self._max_body)
+            if size <= _JOIN_LIMIT:
+                self._out.append(pack(size) + message)
+            else:
+                self._out.append(pack(size))
+                self._out.append(message)
+            size += self._decoder._hsize
         else:
-            out.append(head)
-            out.append(body)
+            head, body = self.frame.encode_parts(message, header)
+            size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
+            if size <= _JOIN_LIMIT:
+                # Small frames are joined so a burst of replies becomes one write.
+                self._out.append(head + body)
+            else:
+                self._out.append(head)
+                self._out.append(body)
         self._out_size += size
-        self.stats.messages_sent += 1
-        self.stats.bytes_sent += size
+        stats = self.stats
+        stats.messages_sent += 1
+        stats.bytes_sent += size
+
+    def send_many(self, messages: list[Any]) -> None:
+        """Queue several messages (None entries are skipped) as one outgoing chunk.
+
+        The reply path of a per-message server: the replies to one read become one
+        write (SPEC §8).  A ``Message`` keeps its header fields.
+
+        Raises:
+            As :meth:`send_message`; TypeError for an entry that is not bytes-like.
+        """
+        out = self._out
+        before = len(out)
+        for message in messages:
+            if message is None:
+                continue
+            if not isinstance(message, _BYTES_TYPES):
+                raise TypeError(f"a message must be bytes-like, not {type(message).__name__}")
+            self.send_message(message)
+        if len(out) - before > 1 and all(len(c) <= _JOIN_LIMIT for c in list(out)[before:]):
+            chunks = [out.pop() for _ in range(len(out) - before)]
+            chunks.reverse()
+            out.append(b"".join(chunks))
 
     def send_eof(self) -> None:
         """Close our sending side once the outgoing buffer has been written."""

@@ -90,7 +90,8 @@ def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
 
     async def main() -> ServerStatistics:
         server = await aio.serve(
-            HANDLERS[config.handler],
+            # None is aio's built-in echo, which echoes whole frames without re-encoding them.
+            None if config.handler == "echo" else HANDLERS[config.handler],
             config.host,
             config.port,
             frame=config.frame,

@@ -136,9 +136,7 @@ class Connection(asyncio.BufferedProtocol):
         self._lost_future: asyncio.Future[None] = self._loop.create_future()
         self._closing = False  # close() or abort() was called
         self._close_task: asyncio.Task[None] | None = None
-        # Timeouts, checked by a server's sweep (SPEC §7).
-        self._last_received = self._time()
-        self._frame_start: float | None = None
+        # Timeouts are checked by a server's sweep (SPEC §7, MessageProtocol.check_timeouts).
         self._closing_since: float | None = None
         self._failed = False  # an abnormal end was reported to the server
         self._shutdown = False  # the server is stopping
@@ -158,7 +156,6 @@ class Connection(asyncio.BufferedProtocol):
             set_nodelay(sock)
         limits = self._limits
         transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
-        self._last_received = self._time()
         if self._server is not None:
             self._server._connection_made(self)
 
@@ -168,7 +165,6 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Called by the transport (not by applications)."""
-        self._last_received = self._time()
         if self._draining:
             return
         proto = self._proto
@@ -177,11 +173,6 @@ class Connection(asyncio.BufferedProtocol):
         except ProtocolError as exc:
             self._fail(str(exc), exc, pending=exc)
             return
-        if proto.in_frame:
-            if self._frame_start is None or messages:
-                self._frame_start = self._last_received
-        else:
-            self._frame_start = None
         if not messages:
             return
         self._messages.extend(messages)
@@ -197,7 +188,6 @@ class Connection(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         """Called by the transport (not by applications)."""
         self._eof = True
-        self._frame_start = None
         _wake(self._eof_waiter)
         if not self._draining:  # else we are closing: the peer's EOF was all we waited for
             try:
@@ -219,7 +209,6 @@ class Connection(asyncio.BufferedProtocol):
         """Called by the transport (not by applications)."""
         self._lost = True
         self._lost_exc = exc
-        self._frame_start = None
         if exc is not None:
             self._fail(describe_os_error(exc), exc, abort=False)
         elif self._closing:

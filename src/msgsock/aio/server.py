@@ -80,10 +80,9 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
     __slots__ = (
         "_closing_since",
         "_draining",
+        "_echo",
         "_failed",
-        "_frame_start",
         "_handler",
-        "_last_received",
         "_lost",
         "_paused",
         "_peer_eof",
@@ -103,14 +102,13 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._handler = server._handler
+        self._echo = server._handler is _echo
         self._proto = MessageProtocol(server.frame, limits=server.limits)
         self._view = server._view
         self._time = server._loop.time
         self._transport: asyncio.Transport | None = None
         self._tls = False
         self.peer = "?"
-        self._last_received = 0.0
-        self._frame_start: float | None = None
         self._closing_since: float | None = None
         self._queue: deque[Any] | None = None  # messages waiting for the async handler, in order
         self._queued = 0  # bytes charged for them
@@ -134,7 +132,6 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
             set_nodelay(sock)
         limits = self._server.limits
         transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
-        self._last_received = self._time()
         self._server._connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -142,36 +139,43 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         # The hot path (SPEC §8): one decode, one handler call per message, one write.
-        self._last_received = now = self._time()
+        # No timekeeping here: the server's sweep sees activity in the counters.
         if self._draining:
             return
         proto = self._proto
         try:
-            messages = proto.receive_data(self._view[:nbytes])
+            if self._echo:
+                # Built-in echo: headers checked, complete frames sent back as one span.
+                span = proto.receive_echo(self._view[:nbytes])
+                if span:
+                    self._transport.write(span)  # type: ignore[union-attr]
+            else:
+                messages = proto.receive_data(self._view[:nbytes])
+                if messages:
+                    if self._queue is not None:  # the async handler is busy: keep the order
+                        self._enqueue(messages)
+                        return
+                    self._handle(messages)
+                    self._flush()
         except ProtocolError as exc:
             self._fail(str(exc), exc)
             return
-        if proto.in_frame:
-            if self._frame_start is None or messages:
-                self._frame_start = now
-        else:
-            self._frame_start = None
-        if not messages:
-            return
-        if self._queue is not None:  # the async handler is busy: keep the order
-            self._enqueue(messages)
-            return
+        if proto.error is not None:  # a bad header followed these messages: replies out, then close
+            self._fail(str(proto.error), proto.error, abort=False)
+
+    def _handle(self, messages: list[Any]) -> None:
+        """Call the handler on each message; queue the replies to go out in one write."""
         handler = self._handler
-        send = proto.send_message
+        replies: list[Any] = []
+        append = replies.append
         it = iter(messages)
         try:
             for message in it:
                 reply = handler(message)
-                if reply is None:
-                    continue
-                if type(reply) is bytes or isinstance(reply, _BUFFER_TYPES):
-                    send(reply)
+                if reply is None or isinstance(reply, _BUFFER_TYPES):
+                    append(reply)
                 elif inspect.isawaitable(reply):
+                    self._proto.send_many(replies)
                     self._flush()  # replies so far go out before we wait
                     self._queue = deque()
                     self._enqueue(list(it))
@@ -181,22 +185,12 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
                     raise TypeError(
                         f"handler returned {type(reply).__name__}; expected bytes, None or an awaitable"
                     )
+            self._proto.send_many(replies)
         except Exception as exc:
-            self._handler_failed(exc)
-            return
-        chunks = proto.data_to_send()
-        if chunks:
-            assert self._transport is not None
-            if len(chunks) == 1:
-                self._transport.write(chunks[0])
-            else:
-                self._transport.writelines(chunks)
-        if proto.error is not None:  # a bad header followed these messages: replies out, then close
-            self._fail(str(proto.error), proto.error, abort=False)
+            self._handler_failed(exc, replies)
 
     def eof_received(self) -> bool:
         self._peer_eof = True
-        self._frame_start = None
         if not self._draining:  # else shutting down or failed: the peer's EOF lets us close now
             try:
                 self._proto.receive_eof()
@@ -216,7 +210,6 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._frame_start = None
         if self._task is not None:
             self._task.cancel()
         if exc is not None:
@@ -301,7 +294,6 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
     def _fail(self, reason: str, cause: BaseException | None, *, abort: bool = True) -> None:
         """An abnormal end (protocol error, reset, timeout): log once, close at once."""
         self._draining = True
-        self._frame_start = None
         if not self._failed:
             self._failed = True
             self._server._connection_failed(self, reason)
@@ -311,8 +303,13 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
             else:  # flush what is queued (replies to the messages before the error), then close
                 self._transport.close()
 
-    def _handler_failed(self, exc: Exception) -> None:
+    def _handler_failed(self, exc: Exception, replies: list[Any] | None = None) -> None:
         self._draining = True
+        if replies:  # the replies computed before the failure still go out
+            try:
+                self._proto.send_many(replies)
+            except Exception:  # a bad reply among them: the handler's error is the one to report
+                pass
         if not self._failed:
             self._failed = True
             self._server._handler_failed(self, exc)
@@ -326,7 +323,6 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
         # SPEC §6.1: finish the messages already received, then half-close.
         self._shutdown = True
         self._draining = True
-        self._frame_start = None
         if self._task is None:
             self._half_close()
 
@@ -614,10 +610,7 @@ class Server:
     def _sweep(self) -> None:
         # One periodic pass over all connections instead of a timer per message (SPEC §7).
         now = self._loop.time()
-        limits = self.limits
-        idle = limits.idle_timeout
-        complete = limits.message_timeout
-        close_timeout = limits.close_timeout
+        close_timeout = self.limits.close_timeout
         if not self._closing:
             for conn in list(self._connections):
                 if conn._lost:
@@ -627,11 +620,9 @@ class Server:
                     if now - closing_since > close_timeout and conn._transport is not None:
                         conn._transport.abort()  # the peer will not take the rest
                     continue
-                frame_start = conn._frame_start
-                if complete is not None and frame_start is not None and now - frame_start > complete:
-                    conn._fail(f"message timeout: a frame was not completed within {complete:g} s", None)
-                elif idle is not None and now - conn._last_received > idle:
-                    conn._fail(f"idle timeout: nothing received for {idle:g} s", None)
+                reason = conn._proto.check_timeouts(now)
+                if reason is not None:
+                    conn._fail(reason, None)
         self._sweep_handle = self._loop.call_later(self._sweep_interval, self._sweep)
 
 
