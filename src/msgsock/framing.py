@@ -413,7 +413,7 @@ class FrameDecoder:
                 frames, used = self._parse(view, len(buf))
             del buf[:used]
             return frames
-        if type(data) is bytearray:
+        if isinstance(data, bytearray):
             # Slices of a bytearray are bytearrays; parse a view so bodies come out as bytes.
             with memoryview(data) as view:
                 frames, used = self._parse(view, len(data))
