@@ -396,13 +396,36 @@ def test_receive_echo_checks_headers_and_keeps_earlier_frames() -> None:
         proto.receive_echo(struct.pack(">I", 11))
 
 
-def test_send_many_joins_small_replies_and_skips_none() -> None:
-    """send_many queues the replies of one read as one chunk, skipping None, keeping Message headers."""
-    proto = MessageProtocol(FrameFormat.parse("u32be+kind:B"))
-    proto.send_many([Message(b"a", {"kind": 1}), None, b"bc"])
-    chunks = proto.data_to_send()
-    assert len(chunks) == 1
-    assert chunks[0] == b"\x00\x00\x00\x01\x01a" + b"\x00\x00\x00\x02\x00bc"
-    assert proto.stats.messages_sent == 2
-    with pytest.raises(TypeError):
-        proto.send_many(["text"])  # type: ignore[list-item]
+def test_receive_and_reply_encodes_replies_in_one_chunk() -> None:
+    """Replies to one read come back as one bytes; None is no reply; a Message keeps its header."""
+    fmt = FrameFormat.parse("u32be+kind:B")
+    proto = MessageProtocol(fmt)
+    data = fmt.encode(b"a", {"kind": 1}) + fmt.encode(b"skip") + fmt.encode(b"bc", {"kind": 2})
+    out, other, rest = proto.receive_and_reply(data, lambda m: None if m == b"skip" else m)
+    assert out == fmt.encode(b"a", {"kind": 1}) + fmt.encode(b"bc", {"kind": 2})
+    assert (other, rest) == (None, [])
+    assert proto.stats.messages_sent == 2 and proto.stats.bytes_sent == len(out)
+
+
+def test_receive_and_reply_stops_at_a_reply_it_cannot_encode() -> None:
+    """A reply that is not bytes-like stops the loop: it comes back with the messages after it."""
+    proto = MessageProtocol()
+    data = encode(b"1") + encode(b"2") + encode(b"3")
+    marker = object()
+    out, other, rest = proto.receive_and_reply(data, lambda m: marker if m == b"2" else m)
+    assert out == encode(b"1")
+    assert other is marker and rest == [b"3"]
+
+
+def test_receive_and_reply_keeps_replies_before_a_handler_error() -> None:
+    """When the handler raises, the replies computed before it are queued and the error propagates."""
+    proto = MessageProtocol()
+
+    def handler(m: bytes) -> bytes:
+        if m == b"boom":
+            raise RuntimeError("boom")
+        return m
+
+    with pytest.raises(RuntimeError):
+        proto.receive_and_reply(encode(b"ok") + encode(b"boom"), handler)
+    assert b"".join(proto.data_to_send()) == encode(b"ok")

@@ -403,6 +403,30 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         buf = self._buf
+        if not buf and self._plain and type(data) is memoryview:
+            # The per-message server's hot path, inlined (one call per read): a plain
+            # format, nothing buffered, a view of the I/O layer's read buffer.
+            unpack = self._unpack
+            hsize = self._hsize
+            max_body = self._max_body
+            n = len(data)
+            pos = 0
+            frames: list[Any] = []
+            while n - pos >= hsize:
+                size = unpack(data, pos)[0]
+                if size > max_body:
+                    return self._bad(frames, n, MessageTooLarge(size, max_body))[0]
+                end = pos + hsize + size
+                if end > n:
+                    self._need = end - pos
+                    break
+                frames.append(data[pos + hsize : end].tobytes())
+                pos = end
+            else:
+                self._need = hsize
+            if pos < n:
+                buf += data[pos:]
+            return frames
         if buf:
             buf += data
             if len(buf) < self._need:

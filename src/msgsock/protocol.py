@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -353,27 +353,67 @@ class MessageProtocol:
         stats.messages_sent += 1
         stats.bytes_sent += size
 
-    def send_many(self, messages: list[Any]) -> None:
-        """Queue several messages (None entries are skipped) as one outgoing chunk.
+    def receive_and_reply(
+        self, data: bytes | bytearray | memoryview, handler: Callable[[Any], Any]
+    ) -> tuple[bytes, Any, list[Any]]:
+        """Decode ``data``, call ``handler`` on each message, and encode its replies.
 
-        The reply path of a per-message server: the replies to one read become one
-        write (SPEC §8).  A ``Message`` keeps its header fields.
+        The per-message server loop in one place (SPEC §8): the replies to one read
+        come back as one ``bytes`` to write at once (the outgoing queue is bypassed, so
+        it must be empty).  A reply of None means no reply; a ``Message`` keeps its
+        header fields.  The loop stops at the first reply that is neither None nor
+        bytes-like (for instance an awaitable): it is returned with the messages not
+        yet handled, for the I/O layer to deal with.  When the handler raises, the
+        replies computed before are queued (see :meth:`data_to_send`) and the
+        exception propagates.
+
+        Returns:
+            ``(to_send, other, rest)``: the encoded replies; the reply that stopped the
+            loop (None if none did); the messages after it.
 
         Raises:
-            As :meth:`send_message`; TypeError for an entry that is not bytes-like.
+            As :meth:`receive_data` and :meth:`send_message`, and whatever ``handler`` raises.
         """
-        out = self._out
-        before = len(out)
-        for message in messages:
-            if message is None:
-                continue
-            if not isinstance(message, _BYTES_TYPES):
-                raise TypeError(f"a message must be bytes-like, not {type(message).__name__}")
-            self.send_message(message)
-        if len(out) - before > 1 and all(len(c) <= _JOIN_LIMIT for c in list(out)[before:]):
-            chunks = [out.pop() for _ in range(len(out) - before)]
-            chunks.reverse()
-            out.append(b"".join(chunks))
+        messages = self.receive_data(data)
+        if not messages:
+            return b"", None, []
+        if self.eof_sent:
+            raise InvalidState("cannot send after the sending side was closed")
+        pack = self._pack
+        max_body = self._max_body
+        hsize = self._decoder._hsize
+        parts: list[Any] = []
+        count = total = 0  # replies encoded so far, and their bytes on the wire
+        try:
+            for i, message in enumerate(messages):
+                reply = handler(message)
+                if reply is None:
+                    continue
+                if pack is not None and type(reply) is bytes:
+                    size = len(reply)
+                    if size > max_body:
+                        raise MessageTooLarge(size, max_body)
+                    parts.append(pack(size))
+                    parts.append(reply)
+                    total += hsize + size
+                elif isinstance(reply, _BYTES_TYPES):
+                    head, body = self.frame.encode_parts(reply)
+                    parts.append(head)
+                    parts.append(body)
+                    total += hsize + (body.nbytes if isinstance(body, memoryview) else len(body))
+                else:
+                    return b"".join(parts), reply, messages[i + 1 :]
+                count += 1
+        except BaseException:
+            if parts:  # the replies before the failure still go out
+                self._out.append(b"".join(parts))
+                self._out_size += total
+            raise
+        finally:
+            stats = self.stats
+            stats.messages_sent += count
+            stats.bytes_sent += total
+        return b"".join(parts), None, []
 
     def send_eof(self) -> None:
         """Close our sending side once the outgoing buffer has been written."""

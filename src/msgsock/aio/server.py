@@ -149,45 +149,35 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
                 span = proto.receive_echo(self._view[:nbytes])
                 if span:
                     self._transport.write(span)  # type: ignore[union-attr]
-            else:
+            elif self._queue is not None:  # the async handler is busy: keep the order
                 messages = proto.receive_data(self._view[:nbytes])
                 if messages:
-                    if self._queue is not None:  # the async handler is busy: keep the order
-                        self._enqueue(messages)
-                        return
-                    self._handle(messages)
-                    self._flush()
+                    self._enqueue(messages)
+            else:
+                out, other, rest = proto.receive_and_reply(self._view[:nbytes], self._handler)
+                if out:
+                    self._transport.write(out)  # type: ignore[union-attr]
+                if other is not None:
+                    self._await_reply(other, rest)
         except ProtocolError as exc:
-            self._fail(str(exc), exc)
+            if exc is proto.error:  # the peer's bytes are bad
+                self._fail(str(exc), exc)
+            else:  # a reply the handler produced cannot be sent (e.g. too large)
+                self._handler_failed(exc)
+            return
+        except Exception as exc:
+            self._handler_failed(exc)
             return
         if proto.error is not None:  # a bad header followed these messages: replies out, then close
             self._fail(str(proto.error), proto.error, abort=False)
 
-    def _handle(self, messages: list[Any]) -> None:
-        """Call the handler on each message; queue the replies to go out in one write."""
-        handler = self._handler
-        replies: list[Any] = []
-        append = replies.append
-        it = iter(messages)
-        try:
-            for message in it:
-                reply = handler(message)
-                if reply is None or isinstance(reply, _BUFFER_TYPES):
-                    append(reply)
-                elif inspect.isawaitable(reply):
-                    self._proto.send_many(replies)
-                    self._flush()  # replies so far go out before we wait
-                    self._queue = deque()
-                    self._enqueue(list(it))
-                    self._task = self._server._loop.create_task(self._run_queue(reply))
-                    return
-                else:
-                    raise TypeError(
-                        f"handler returned {type(reply).__name__}; expected bytes, None or an awaitable"
-                    )
-            self._proto.send_many(replies)
-        except Exception as exc:
-            self._handler_failed(exc, replies)
+    def _await_reply(self, reply: object, rest: list[Any]) -> None:
+        """The handler returned an awaitable: serve this and the rest in order in a task."""
+        if not inspect.isawaitable(reply):
+            raise TypeError(f"handler returned {type(reply).__name__}; expected bytes, None or an awaitable")
+        self._queue = deque()
+        self._enqueue(rest)
+        self._task = self._server._loop.create_task(self._run_queue(reply))
 
     def eof_received(self) -> bool:
         self._peer_eof = True
@@ -303,13 +293,8 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
             else:  # flush what is queued (replies to the messages before the error), then close
                 self._transport.close()
 
-    def _handler_failed(self, exc: Exception, replies: list[Any] | None = None) -> None:
+    def _handler_failed(self, exc: Exception) -> None:
         self._draining = True
-        if replies:  # the replies computed before the failure still go out
-            try:
-                self._proto.send_many(replies)
-            except Exception:  # a bad reply among them: the handler's error is the one to report
-                pass
         if not self._failed:
             self._failed = True
             self._server._handler_failed(self, exc)
