@@ -21,14 +21,33 @@ Theory of operation.  A :class:`Connection` is a pump over the sans-I/O
 - **Closing** follows the Winsock graceful shutdown (seed 004, SPEC §2): flush, shut
   down the sending side, read until the peer's EOF (up to ``limits.close_timeout``),
   then close.  ``abort()`` closes at once with a reset (``SO_LINGER`` 0).
-- **Threads**: one lock per direction, so one thread may send while another receives;
-  two receives at once raise :class:`~msgsock.exceptions.ConcurrencyError`.  Closing a
-  socket does not wake a thread blocked on it (Linux), so closing first shuts down
-  the read side (which wakes readers and sends nothing), and the write side too when
-  another thread may be blocked sending.
+- **Threads**: one lock per direction, so one thread may send while another receives.
+  A second *concurrent* call of the same direction -- two receives, or two sends (or
+  ``send_eof``) -- raises :class:`~msgsock.exceptions.ConcurrencyError` at once
+  instead of queueing behind the first (the CSocket rule: one blocking call per
+  socket at a time).  Sends used to be serialized; failing fast makes a design that
+  shares a connection between sending threads visible at once rather than as a stall
+  behind a slow peer.  :meth:`Connection.close` is not a send: it waits (up to its
+  timeout) for a send in progress.  Closing a socket does not wake a thread blocked
+  on it (Linux), so closing first shuts down the read side (which wakes readers and
+  sends nothing), and the write side too when another thread may be blocked sending.
+- **Cancelling** (``CSocket::CancelBlockingCall``): :meth:`Connection.cancel`, from any
+  thread, shuts the socket down both ways (``shutdown(SHUT_RDWR)``).  That wakes a
+  thread blocked in ``recv`` or ``send`` -- it raises
+  :class:`~msgsock.exceptions.Cancelled` -- and, being socket *state* rather than a
+  one-off signal, it cannot be missed by a thread that is just about to block.  It
+  costs nothing on the hot path (a wake-up pipe would need a ``poll`` before every
+  read).  The consequences: the peer sees our end of stream at once (an
+  :class:`~msgsock.exceptions.IncompleteMessage` if a send was cut off mid-frame); the
+  stream position is lost, so every later ``send``/``receive`` raises ``Cancelled``
+  too and only :meth:`Connection.close` remains valid (as after MFC's
+  ``CancelBlockingCall``).  :func:`connect` takes a :class:`CancelToken` that aborts a
+  connect (or TLS handshake) in progress; the token stays attached to the new
+  connection, so the same ``token.cancel()`` later cancels its blocking calls.
 
 ``OSError`` is translated once, here (STYLE §4): a reset becomes
-``ConnectionClosed(clean=False)``, a receive timeout :class:`~msgsock.exceptions.Timeout`.
+``ConnectionClosed(clean=False)``, a receive timeout :class:`~msgsock.exceptions.Timeout`,
+any failure after :meth:`Connection.cancel` :class:`~msgsock.exceptions.Cancelled`.
 """
 
 from __future__ import annotations
@@ -37,6 +56,7 @@ import dataclasses
 import errno
 import os
 import select
+import selectors
 import socket
 import ssl as _ssl
 import struct
@@ -44,16 +64,23 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, NoReturn
 
 from .._net import format_address, set_nodelay
-from ..exceptions import ConcurrencyError, ConnectionClosed, InvalidState, ProtocolError, Timeout
+from ..exceptions import (
+    Cancelled,
+    ConcurrencyError,
+    ConnectionClosed,
+    InvalidState,
+    ProtocolError,
+    Timeout,
+)
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
 
-__all__ = ["Connection", "connect"]
+__all__ = ["CancelToken", "Connection", "connect"]
 
 _BUFFER_SIZE = 64 * 1024
 """Size of the reusable receive buffer: one read takes up to this many bytes (STYLE §10)."""
@@ -79,6 +106,65 @@ _TIMED_OUT = (BlockingIOError, _ssl.SSLWantReadError)
 _RESETS = (ConnectionResetError, ConnectionAbortedError)
 
 
+# What a non-blocking connect() answers while the handshake is under way.
+# (Not EWOULDBLOCK on POSIX: there it is EAGAIN, which connect() uses for "no free local port".)
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)})
+
+
+class CancelToken:
+    """A one-shot cancel switch that another thread flips (``CSocket::CancelBlockingCall``).
+
+    Pass it to :func:`connect` to make the connect (and TLS handshake) cancellable;
+    the token then stays attached to the :class:`Connection`, so the same
+    :meth:`cancel` also cancels the connection's blocking calls (see
+    :meth:`Connection.cancel`).  It can also be given to
+    :class:`~msgsock.sync.SocketFile`.  One token may serve several objects: cancelling
+    it cancels all of them.  It cannot be reset; make a new token for new work.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._callbacks: dict[int, Callable[[], object]] = {}
+        self._next_key = 0
+
+    def __repr__(self) -> str:
+        return f"<CancelToken {'cancelled' if self._cancelled else 'active'}>"
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Cancel, from any thread, everything this token is attached to.  Idempotent; never blocks."""
+        with self._lock:
+            if self._cancelled:
+                return
+            self._cancelled = True
+            callbacks = list(self._callbacks.values())
+            self._callbacks.clear()
+        for callback in callbacks:
+            callback()
+
+    def _subscribe(self, callback: Callable[[], object]) -> int | None:
+        """Call ``callback`` on :meth:`cancel` (at once if already cancelled: then None is returned)."""
+        with self._lock:
+            if not self._cancelled:
+                key = self._next_key
+                self._next_key += 1
+                self._callbacks[key] = callback
+                return key
+        callback()
+        return None
+
+    def _unsubscribe(self, key: int | None) -> None:
+        """Forget a callback (a closed object must not be kept alive by a long-lived token)."""
+        if key is not None:
+            with self._lock:
+                self._callbacks.pop(key, None)
+
+
 def _nbytes(chunk: bytes | bytearray | memoryview) -> int:
     return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
 
@@ -102,15 +188,26 @@ class Connection:
             owns it from now on.
         frame: the frame format both peers use.
         limits: limits in force; ``close_timeout`` bounds :meth:`close`.
+        cancel: a :class:`CancelToken` whose ``cancel()`` calls :meth:`cancel` (at once
+            if the token is already cancelled).
     """
 
     def __init__(
-        self, sock: socket.socket, *, frame: FrameFormat = DEFAULT_FORMAT, limits: Limits = DEFAULT_LIMITS
+        self,
+        sock: socket.socket,
+        *,
+        frame: FrameFormat = DEFAULT_FORMAT,
+        limits: Limits = DEFAULT_LIMITS,
+        cancel: CancelToken | None = None,
     ) -> None:
         sock.settimeout(None)
         set_nodelay(sock)
         self._sock = sock
         self._protocol = MessageProtocol(frame, limits=limits)
+        # _send_call: held by the one public send()/send_eof() in progress (a second one
+        # raises ConcurrencyError); _send_lock: held while writing, by that call or by
+        # close()/the server's flushes, which wait for each other.
+        self._send_call = threading.Lock()
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -143,9 +240,13 @@ class Connection:
         # Server connections enforce limits.idle_timeout and message_timeout (SPEC §7).
         self._enforce_limits = False
         self._frame_start = 0.0
+        self._cancelled = False
+        # Last, once the connection is whole: an already-cancelled token cancels at once.
+        self._token = cancel
+        self._token_key = cancel._subscribe(self.cancel) if cancel is not None else None
 
     def __repr__(self) -> str:
-        state = "closed" if self._sock_closed else "open"
+        state = "closed" if self._sock_closed else "cancelled" if self._cancelled else "open"
         return f"<Connection {format_address(self._peer_address)} {state}>"
 
     # -- properties -------------------------------------------------------------------
@@ -164,6 +265,11 @@ class Connection:
     def closed(self) -> bool:
         """True once the socket is closed: by :meth:`close`, :meth:`abort` or a protocol error."""
         return self._sock_closed
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called (then only :meth:`close` is valid)."""
+        return self._cancelled
 
     @property
     def frame(self) -> FrameFormat:
@@ -202,14 +308,26 @@ class Connection:
             InvalidState: after :meth:`send_eof` or :meth:`close`.
             ConnectionClosed: the connection was reset or failed (``clean=False``), or a
                 stopping server closed its sending side (``clean=True``).
+            Cancelled: :meth:`cancel` was called, during this send or before it.
+            ConcurrencyError: another thread is sending on this connection (raised at
+                once; nothing of this message was sent).
         """
-        with self._send_lock:
-            if self._protocol.eof_sent or self._broken is not None or self._sock_closed:
-                raise self._cannot_send()
-            self._protocol.send_message(message, header)
-            self._flush_locked()
-            if self._eof_after_send:
-                self._send_stop_eof_locked()
+        if self._cancelled:
+            raise self._cancel_error("send")
+        if not self._send_call.acquire(blocking=False):
+            raise ConcurrencyError("another thread is already sending on this connection")
+        try:
+            with self._send_lock:
+                if self._cancelled:
+                    raise self._cancel_error("send")
+                if self._protocol.eof_sent or self._broken is not None or self._sock_closed:
+                    raise self._cannot_send()
+                self._protocol.send_message(message, header)
+                self._flush_locked()
+                if self._eof_after_send:
+                    self._send_stop_eof_locked()
+        finally:
+            self._send_call.release()
 
     def send_eof(self) -> None:
         """Shut down the sending side (half-close); receiving still works.
@@ -220,21 +338,32 @@ class Connection:
         Raises:
             InvalidState: on a TLS connection (Python's ``ssl`` cannot half-close).
             ConnectionClosed: the connection is closed or failed.
+            Cancelled: :meth:`cancel` was called.
+            ConcurrencyError: another thread is sending on this connection.
         """
-        with self._send_lock:
-            if self._broken is not None or self._sock_closed:
-                raise self._cannot_send()
-            if self._tls:
-                raise InvalidState("half-close is not supported over TLS; use close()")
-            self._user_eof = True
-            if self._protocol.eof_sent:
-                return
-            self._flush_locked()
-            self._protocol.send_eof()
-            try:
-                self._sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                raise self._failed(exc) from exc
+        if self._cancelled:
+            raise self._cancel_error("send_eof")
+        if not self._send_call.acquire(blocking=False):
+            raise ConcurrencyError("another thread is sending on this connection; send_eof() would wait")
+        try:
+            with self._send_lock:
+                if self._cancelled:
+                    raise self._cancel_error("send_eof")
+                if self._broken is not None or self._sock_closed:
+                    raise self._cannot_send()
+                if self._tls:
+                    raise InvalidState("half-close is not supported over TLS; use close()")
+                self._user_eof = True
+                if self._protocol.eof_sent:
+                    return
+                self._flush_locked()
+                self._protocol.send_eof()
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    raise self._failed(exc) from exc
+        finally:
+            self._send_call.release()
 
     def _cannot_send(self) -> Exception:
         if self._broken is not None:
@@ -322,7 +451,11 @@ class Connection:
                 :class:`~msgsock.exceptions.MessageTooLarge`); the connection is then
                 closed and later calls raise ``ConnectionClosed``.
             ConcurrencyError: another thread is receiving on this connection.
+            Cancelled: :meth:`cancel` was called, during this receive or before it
+                (messages already received are not delivered any more).
         """
+        if self._cancelled:
+            raise self._cancel_error("receive")
         messages = self._messages
         if self._closing and not messages:
             raise self._local_closed()
@@ -347,6 +480,7 @@ class Connection:
         Raises:
             ConnectionClosed: the connection ended abnormally (``clean=False``).
             ProtocolError: as :meth:`receive`.
+            Cancelled: :meth:`cancel` was called.
         """
         while True:
             try:
@@ -389,6 +523,8 @@ class Connection:
             n = self._recv_into(deadline, timeout)
         except ValueError:
             # Another thread closed the socket under us (ssl and select say ValueError).
+            if self._cancelled:
+                raise self._cancel_error("receive") from None
             if self._sock_closed:
                 raise self._local_closed() from None
             raise
@@ -398,6 +534,8 @@ class Connection:
                 discard = self._discard
         protocol = self._protocol
         if n == 0:
+            if self._cancelled:  # our own shutdown(), not the peer's EOF
+                raise self._cancel_error("receive")
             if self._sock_closed:
                 raise self._local_closed()
             try:
@@ -513,6 +651,12 @@ class Connection:
 
     # -- failures ---------------------------------------------------------------------
 
+    def _cancel_error(self, operation: str | None = None) -> Cancelled:
+        prefix = f"{operation}: " if operation else ""
+        return Cancelled(
+            f"{prefix}the connection was cancelled (Connection.cancel); only close() is valid now"
+        )
+
     def _local_closed(self) -> ConnectionClosed:
         if self._aborted:
             return ConnectionClosed(False, self._abort_reason)
@@ -520,8 +664,10 @@ class Connection:
             return ConnectionClosed(False, self._broken.reason)
         return ConnectionClosed(True, "the connection was closed by this side")
 
-    def _failed(self, exc: OSError) -> ConnectionClosed:
+    def _failed(self, exc: OSError) -> ConnectionClosed | Cancelled:
         """Translate an OSError from the socket (once, here: STYLE §4) and mark the connection failed."""
+        if self._cancelled:  # the error is our own shutdown() waking this call
+            return self._cancel_error()
         if self._sock_closed:
             return self._local_closed()
         if isinstance(exc, _RESETS):
@@ -569,7 +715,8 @@ class Connection:
         deadline = time.monotonic() + timeout
         graceful = False
         try:
-            if self._broken is None and not self._sock_closed:
+            # After cancel() the stream position is lost and both directions are shut.
+            if self._broken is None and not self._sock_closed and not self._cancelled:
                 graceful = self._close_gracefully(deadline)
         finally:
             leftover = len(self._messages)
@@ -585,6 +732,8 @@ class Connection:
             return False
         try:
             self._user_eof = True
+            if self._cancelled:  # cancel() woke the send we waited for
+                return False
             if self._tls:
                 # Python's ssl cannot half-close: closing sends the TCP FIN after the data.
                 return self._rx_end is not None and self._rx_end.clean
@@ -592,7 +741,7 @@ class Connection:
                 self._flush_locked()
                 self._protocol.send_eof()
                 self._sock.shutdown(socket.SHUT_WR)
-        except (OSError, ConnectionClosed):
+        except (OSError, ConnectionClosed, Cancelled):
             return False
         finally:
             self._send_lock.release()
@@ -607,13 +756,38 @@ class Connection:
                     return False
                 try:
                     self._read(deadline, remaining)
-                except Timeout:
+                except (Timeout, Cancelled):  # cancel() cuts a close short too
                     return False
                 except (ConnectionClosed, ProtocolError):
                     break
             return self._rx_end is not None and self._rx_end.clean
         finally:
             self._recv_lock.release()
+
+    def cancel(self) -> None:
+        """Cancel, from any thread, the blocking calls on this connection (``CancelBlockingCall``).
+
+        A thread blocked in :meth:`receive`, :meth:`send` or :meth:`send_eof` wakes
+        and raises :class:`~msgsock.exceptions.Cancelled`; so does every later call of
+        those, because the socket is shut down both ways (``shutdown(SHUT_RDWR)``, see
+        the module notes): the peer sees our end of stream now, a send cut off in the
+        middle leaves it an incomplete frame, and messages not yet delivered are lost.
+        Only :meth:`close` (which then closes at once, without the graceful
+        exchange) and :meth:`abort` remain useful.  A :meth:`close` waiting for the
+        peer's EOF in another thread returns at once.  Idempotent; never blocks; does
+        nothing once the connection is closed.
+        """
+        with self._state_lock:
+            if self._cancelled or self._sock_closed:
+                return
+            self._cancelled = True
+            # Under the state lock, so the socket cannot be closed (and its descriptor
+            # reused) between the check and the shutdown.  socket.socket.shutdown, not
+            # SSLSocket.shutdown, which would drop the TLS state under a blocked reader.
+            try:
+                socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already reset: a blocked call has seen that failure itself
 
     def abort(self) -> None:
         """Close at once with a reset (``SO_LINGER`` 0): unsent data is dropped.  Idempotent."""
@@ -637,6 +811,8 @@ class Connection:
             if self._sock_closed:
                 return
             self._sock_closed = True
+        if self._token is not None:
+            self._token._unsubscribe(self._token_key)
         sock = self._sock
         try:
             if reset:
@@ -677,7 +853,7 @@ class Connection:
             self._flush_locked()
             self._protocol.send_eof()
             self._sock.shutdown(socket.SHUT_WR)
-        except (OSError, ConnectionClosed):
+        except (OSError, ConnectionClosed, Cancelled):
             pass  # the reader sees the failure on its next call
 
     def __enter__(self) -> Connection:
@@ -692,6 +868,105 @@ class Connection:
         self.close()
 
 
+class _CancellableWait:
+    """Waits on one socket for a connect or handshake, until a deadline or a token's cancel.
+
+    The socket is non-blocking; a wake-up socket pair is the second thing waited on,
+    and the token's callback writes to it.  A byte in a socket is state, so a cancel
+    that lands before the wait starts is seen too (no lost wake-up).
+    """
+
+    def __init__(self, token: CancelToken, timeout: float | None) -> None:
+        self._token = token
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector = selectors.DefaultSelector()  # not select(): no FD_SETSIZE limit
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._key = token._subscribe(self._wake)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full (already woken) or closed (already done)
+
+    def check(self, address: Any) -> None:
+        """Raise Cancelled if the token was cancelled."""
+        if self._token.cancelled:
+            raise Cancelled(f"connecting to {format_address(address)} was cancelled")
+
+    def wait(self, sock: socket.socket, address: Any, *, write: bool) -> None:
+        """Wait until ``sock`` is writable (``write``) or readable.
+
+        Raises:
+            Cancelled: the token was cancelled.
+            TimeoutError: the deadline passed.
+        """
+        # On Windows a failed connect shows only as "exceptional"; the selector then
+        # watches that too for EVENT_WRITE (SelectSelector passes the write set twice).
+        self._selector.register(sock, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
+        try:
+            while True:
+                self.check(address)
+                timeout = None if self._deadline is None else self._deadline - time.monotonic()
+                if timeout is not None and timeout <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, "timed out")
+                events = self._selector.select(timeout)
+                self.check(address)
+                if any(key.fileobj is sock for key, _ in events):
+                    return
+        finally:
+            self._selector.unregister(sock)
+
+    def close(self) -> None:
+        self._token._unsubscribe(self._key)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def _connect_cancellable(
+    sock: socket.socket,
+    address: Any,
+    waiter: _CancellableWait,
+    ssl: _ssl.SSLContext | None,
+    server_hostname: str,
+) -> socket.socket:
+    """Non-blocking connect (and TLS handshake) of ``sock``, each wait cancellable.
+
+    Raises:
+        Cancelled, TimeoutError: from the waits.
+        OSError: the connect failed (e.g. ``ConnectionRefusedError``).
+        ssl.SSLError: the handshake failed.
+    """
+    sock.setblocking(False)
+    waiter.check(address)
+    error = sock.connect_ex(address)
+    if error in _IN_PROGRESS:
+        waiter.wait(sock, address, write=True)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+    if ssl is None:
+        return sock
+    # wrap_socket detaches ``sock``: from here on only ``tls`` can close the descriptor.
+    tls = ssl.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                return tls
+            except _ssl.SSLWantReadError:
+                waiter.wait(tls, address, write=False)
+            except _ssl.SSLWantWriteError:
+                waiter.wait(tls, address, write=True)
+    except BaseException:
+        tls.close()
+        raise
+
+
 def connect(
     host: str = "127.0.0.1",
     port: int = 9898,
@@ -701,6 +976,7 @@ def connect(
     connect_timeout: float | None = 10.0,
     ssl: _ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    cancel: CancelToken | None = None,
 ) -> Connection:
     """Connect to a message server and return the :class:`Connection`.
 
@@ -716,6 +992,10 @@ def connect(
             handshake); None waits for ever.
         ssl: a client ``SSLContext`` to speak TLS.
         server_hostname: name to check the server certificate against; default ``host``.
+        cancel: a :class:`CancelToken`: another thread's ``cancel.cancel()`` aborts
+            the connect or TLS handshake in progress (name resolution itself is not
+            interruptible; the token is checked before and after it), and the token
+            stays attached to the returned connection (see :meth:`Connection.cancel`).
 
     Returns:
         The connected :class:`Connection` (``TCP_NODELAY`` on).
@@ -724,30 +1004,45 @@ def connect(
         socket.gaierror: ``host`` cannot be resolved.
         ConnectionRefusedError: nothing listens there (the last address's error).
         Timeout: the last address tried timed out.
+        Cancelled: ``cancel`` was cancelled before the connection was made (no other
+            address is tried).
         ssl.SSLError: the TLS handshake failed (not retried on other addresses).
         OSError: any other failure of the last address tried.
     """
+    if cancel is not None and cancel.cancelled:
+        raise Cancelled(f"connecting to {format_address((host, port))} was cancelled")
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    hostname = server_hostname if server_hostname is not None else host
     error: OSError | None = None
     for family, type_, proto, _canonname, address in infos:
         sock = socket.socket(family, type_, proto)
         try:
-            sock.settimeout(connect_timeout)
-            sock.connect(address)
-            if ssl is not None:
-                hostname = server_hostname if server_hostname is not None else host
-                sock = ssl.wrap_socket(sock, server_hostname=hostname)
+            if cancel is None:
+                sock.settimeout(connect_timeout)
+                sock.connect(address)
+                if ssl is not None:
+                    sock = ssl.wrap_socket(sock, server_hostname=hostname)
+            else:
+                waiter = _CancellableWait(cancel, connect_timeout)
+                try:
+                    sock = _connect_cancellable(sock, address, waiter, ssl, hostname)
+                finally:
+                    waiter.close()
         except TimeoutError:
             sock.close()
             error = Timeout(f"connecting to {format_address(address)} timed out after {connect_timeout:g} s")
             continue
-        except _ssl.SSLError:
+        except (_ssl.SSLError, Cancelled):
             sock.close()
             raise
         except OSError as exc:
             sock.close()
             error = exc
             continue
-        return Connection(sock, frame=frame, limits=limits)
+        conn = Connection(sock, frame=frame, limits=limits, cancel=cancel)
+        if conn.cancelled:  # cancelled before we return: the caller never gets a dead connection
+            conn.abort()
+            raise Cancelled(f"connecting to {format_address(address)} was cancelled")
+        return conn
     assert error is not None  # getaddrinfo never returns an empty list
     raise error
