@@ -795,3 +795,24 @@ def test_hypothesis_reader_never_misreads_garbage(data: bytes) -> None:
             assert r.offset <= len(data)
             return
     assert r.at_end()
+
+
+def test_writer_flush_to_a_file_that_would_block_keeps_the_bytes() -> None:
+    """A raw file whose write returns None (would block) raises InvalidState; nothing is lost."""
+
+    class WouldBlock:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def write(self, data: bytes) -> int | None:
+            self.calls += 1
+            return None
+
+    writer = ArchiveWriter(WouldBlock())
+    writer.write_dword(7)
+    with pytest.raises(InvalidState):
+        writer.flush()
+    sink = io.BytesIO()
+    writer.file = sink
+    writer.flush()
+    assert sink.getvalue() == b"\x07\x00\x00\x00"

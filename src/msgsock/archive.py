@@ -189,6 +189,10 @@ class ArchiveWriter:
 
         A no-op for an in-memory writer.  Exceptions from the file propagate; the
         bytes it did not accept stay buffered, so nothing is lost or sent twice.
+
+        Raises:
+            InvalidState: the file's ``write`` returned None (a non-blocking file that
+                would block); the bytes stay buffered.
         """
         file = self.file
         if file is None:
@@ -198,8 +202,11 @@ class ArchiveWriter:
         try:
             while done < len(buf):
                 n = file.write(bytes(buf[done:]))
-                # A file returning None (not a count) is taken to have written it all.
-                done = len(buf) if n is None else done + n
+                if n is None:
+                    # io.RawIOBase: None means a non-blocking file took nothing.  Guessing
+                    # "all of it" could lose bytes; the unsent ones stay buffered.
+                    raise InvalidState("the file took no bytes (write returned None: it would block)")
+                done += n
         finally:
             # Even when the file raised: drop what it took, keep what it did not.
             self._flushed += done
