@@ -9,7 +9,13 @@ __all__ = ["format_address", "set_nodelay"]
 
 
 def format_address(address: Any) -> str:
-    """Format a socket address for logs: ``127.0.0.1:9898``, ``[::1]:9898``, or str() of anything else."""
+    """Format a socket address for logs: ``127.0.0.1:9898``, ``[::1]:9898``, or str() of anything else.
+
+    ``None`` (a peer that reset the connection before its address could be read)
+    becomes ``unknown peer``.
+    """
+    if address is None:
+        return "unknown peer"
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         if ":" in str(host):
