@@ -1,0 +1,621 @@
+"""Tests of the datagram endpoints (msgsock.udp; SPEC §5.4): sync and asyncio, IPv4 and IPv6."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from msgsock.exceptions import MessageTooLarge, Timeout
+from msgsock.framing import Message
+from msgsock.udp import (
+    DEFAULT_MAX_SIZE,
+    AsyncUdpClient,
+    UdpClient,
+    UdpServer,
+    open_udp_client,
+    run_udp_client,
+    run_udp_server,
+    serve_udp,
+)
+from tests.helpers import free_loopback6, unit, wait_for
+
+T = TypeVar("T")
+
+LOGGER = "msgsock.server"
+LINUX = sys.platform.startswith("linux")
+
+HOSTS = [
+    pytest.param("127.0.0.1", id="ipv4"),
+    pytest.param(
+        "::1",
+        id="ipv6",
+        marks=pytest.mark.skipif(not free_loopback6(), reason="IPv6 loopback (::1) is not available"),
+    ),
+]
+
+
+@pytest.fixture(params=HOSTS)
+def host(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Plain sockets a test opens; closed at the end whatever happens."""
+    opened: list[socket.socket] = []
+    try:
+        yield opened
+    finally:
+        for s in opened:
+            s.close()
+
+
+def silent_socket(host: str, sockets: list[socket.socket]) -> socket.socket:
+    """A bound UDP socket that never replies (what a lost reply looks like)."""
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    sockets.append(sock)
+    sock.bind((host, 0))
+    return sock
+
+
+def closed_port(host: str) -> int:
+    """A UDP port nothing is bound to (bound once, then closed): ICMP port unreachable."""
+    with socket.socket(family_of(host), socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def reverse(message: bytes) -> bytes:
+    return message[::-1]
+
+
+class DropFirst:
+    """A handler that ignores the first datagram and echoes the rest (a lost datagram)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, message: bytes) -> bytes | None:
+        self.calls += 1
+        return None if self.calls == 1 else message
+
+
+@pytest.fixture
+def server_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    return caplog
+
+
+BODIES = [b"hello", b"", b"a\x00b\x00", os.urandom(1200), bytes(range(256)) * 255 + b"xy"]  # last: 65282 B
+
+
+# -- blocking server and client -------------------------------------------------------------------
+
+
+def test_sync_echo_round_trip(host: str) -> None:
+    """Each datagram comes back whole, NUL bytes, empty and near-maximal ones included; counters add up."""
+    with UdpServer(lambda m: m, host, 0) as server, UdpClient(host, server.port, timeout=unit(2)) as client:
+        assert server.address[0] == host
+        for body in BODIES:
+            assert client.request(body) == body
+        wait_for(lambda: server.statistics().messages_sent == len(BODIES))
+        stats = server.statistics()
+    assert stats.messages_received == len(BODIES)
+    assert stats.bytes_received == stats.bytes_sent == sum(len(b) for b in BODIES)
+    assert stats.errors == 0
+
+
+def test_sync_largest_datagram_round_trip(host: str) -> None:
+    """A datagram of exactly max_size (65507 bytes) goes through both ways."""
+    body = os.urandom(DEFAULT_MAX_SIZE)
+    with UdpServer(lambda m: m, host, 0) as server, UdpClient(host, server.port, timeout=unit(2)) as client:
+        assert client.request(body) == body
+
+
+def test_sync_reverse_handler(host: str) -> None:
+    """The server sends back whatever the handler returns: here the message reversed (MultiSoc)."""
+    with UdpServer(reverse, host, 0) as server, UdpClient(host, server.port, timeout=unit(2)) as client:
+        assert client.request(b"stressed") == b"desserts"
+        assert client.request(b"a\x00b") == b"b\x00a"
+
+
+def test_sync_send_to_and_receive_from(host: str) -> None:
+    """send_to and receive_from give the reply and the server's address."""
+    with UdpServer(reverse, host, 0) as server, UdpClient(host, server.port, timeout=unit(2)) as client:
+        client.send_to(b"abc")
+        data, address = client.receive_from()
+        assert data == b"cba"
+        assert address[:2] == server.address[:2]
+        client.send_to(b"xyz", server.address)
+        assert client.receive_from(unit(2))[0] == b"zyx"
+
+
+def test_sync_receive_from_times_out(host: str, sockets: list[socket.socket]) -> None:
+    """receive_from raises Timeout when nothing arrives."""
+    silent = silent_socket(host, sockets)
+    with UdpClient(host, silent.getsockname()[1]) as client, pytest.raises(Timeout, match="within"):
+        client.receive_from(unit(0.05))
+
+
+def test_sync_oversize_send_is_rejected_before_sending(host: str, sockets: list[socket.socket]) -> None:
+    """A datagram above max_size raises MessageTooLarge and nothing reaches the peer."""
+    peer = silent_socket(host, sockets)
+    with UdpClient(host, peer.getsockname()[1], max_size=100) as client:
+        with pytest.raises(MessageTooLarge) as info:
+            client.request(b"x" * 101)
+        assert (info.value.size, info.value.max_size) == (101, 100)
+        with pytest.raises(MessageTooLarge):
+            client.send_to(b"y" * 101)
+        client.send_to(b"z" * 100)  # exactly max_size is fine
+    peer.settimeout(unit(2))
+    assert peer.recv(1000) == b"z" * 100  # the first datagram the peer got
+
+
+def test_sync_oversize_datagram_is_dropped_and_logged(
+    host: str, sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """A received datagram above max_size is dropped, counted and logged with peer and sizes; serving goes on."""
+    with UdpServer(lambda m: m, host, 0, max_size=100) as server:
+        raw = socket.socket(family_of(host), socket.SOCK_DGRAM)
+        sockets.append(raw)
+        raw.bind((host, 0))
+        raw.sendto(b"x" * 1000, server.address)
+        raw.sendto(b"y" * 101, server.address)
+        with UdpClient(host, server.port, timeout=unit(2), max_size=100) as client:
+            assert client.request(b"z" * 100) == b"z" * 100
+        stats = server.statistics()
+    assert stats.errors == 2
+    assert stats.messages_received == 1
+    warnings = [r.getMessage() for r in server_logs.records if r.levelno == logging.WARNING]
+    peer = raw.getsockname()
+    where = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+    assert len(warnings) == 2
+    assert all(where in w and "max_size 100" in w for w in warnings)
+    if LINUX:  # MSG_TRUNC gives the real size
+        assert "1000 bytes" in warnings[0] and "101 bytes" in warnings[1]
+
+
+def test_sync_client_rejects_oversize_reply(host: str) -> None:
+    """A reply above the client's max_size raises MessageTooLarge instead of being truncated."""
+    with (
+        UdpServer(lambda m: b"r" * 50, host, 0) as server,
+        UdpClient(host, server.port, timeout=unit(2), max_size=10) as client,
+        pytest.raises(MessageTooLarge),
+    ):
+        client.request(b"hi")
+
+
+def test_sync_timeout_and_retries_against_silent_socket(host: str, sockets: list[socket.socket]) -> None:
+    """Against a socket that never replies, request sends retries + 1 times, then a clear Timeout."""
+    silent = silent_socket(host, sockets)
+    port = silent.getsockname()[1]
+    timeout = unit(0.1)
+    with UdpClient(host, port, timeout=timeout, retries=2) as client, pytest.raises(Timeout) as info:
+        client.request(b"anyone?")
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    assert str(info.value) == f"no reply from {where} after 3 tries of {timeout:g} s"
+    silent.settimeout(unit(2))
+    assert [silent.recv(100) for _ in range(3)] == [b"anyone?"] * 3
+    silent.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        silent.recv(100)
+
+
+def test_sync_port_unreachable(host: str) -> None:
+    """ICMP port unreachable counts as no reply, and the Timeout says the port was unreachable."""
+    port = closed_port(host)
+    with UdpClient(host, port, timeout=unit(0.1), retries=1) as client, pytest.raises(Timeout) as info:
+        client.request(b"hello?")
+    assert "after 2 tries" in str(info.value)
+    assert str(info.value).endswith("(port unreachable)")
+
+
+def test_sync_retry_gets_reply_after_lost_datagram(host: str) -> None:
+    """When the server drops the first datagram, the client's resend gets the reply."""
+    handler = DropFirst()
+    with (
+        UdpServer(handler, host, 0) as server,
+        UdpClient(host, server.port, timeout=unit(0.3), retries=3) as client,
+    ):
+        assert client.request(b"second time lucky") == b"second time lucky"
+    assert handler.calls >= 2
+
+
+def test_sync_handler_exception_is_logged_and_serving_goes_on(
+    host: str, server_logs: pytest.LogCaptureFixture
+) -> None:
+    """A handler that raises costs that datagram its reply (logged, counted), not the server."""
+
+    def picky(message: bytes) -> bytes:
+        if message == b"bad":
+            raise ValueError("no thanks")
+        return message
+
+    with UdpServer(picky, host, 0) as server, UdpClient(host, server.port, timeout=unit(0.1), retries=0) as c:
+        with pytest.raises(Timeout):
+            c.request(b"bad")
+        c.timeout = unit(2)
+        assert c.request(b"good") == b"good"
+        assert server.statistics().errors == 1
+    errors = [r for r in server_logs.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "ValueError: no thanks" in errors[0].getMessage()
+    assert errors[0].exc_info is not None
+
+
+def test_sync_reply_above_max_size_is_dropped(host: str, server_logs: pytest.LogCaptureFixture) -> None:
+    """A handler reply above the server's max_size is not sent; it is logged and counted."""
+    with (
+        UdpServer(lambda m: m * 20, host, 0, max_size=100) as server,
+        UdpClient(host, server.port, timeout=unit(0.1), retries=0) as client,
+    ):
+        with pytest.raises(Timeout):
+            client.request(b"0123456789")
+        assert server.statistics().errors == 1
+    assert any("reply dropped" in r.getMessage() and "200" in r.getMessage() for r in server_logs.records)
+
+
+def test_sync_message_reply_keeps_working() -> None:
+    """A handler may return a msgsock Message (a bytes subclass): it is sent as its bytes."""
+    with (
+        UdpServer(lambda m: Message(m.upper(), {"kind": 1}), "127.0.0.1", 0) as server,
+        UdpClient("127.0.0.1", server.port, timeout=unit(2)) as client,
+    ):
+        assert client.request(b"abc") == b"ABC"
+
+
+def test_sync_host_name_is_resolved() -> None:
+    """A host name is resolved and its addresses tried in order (ICMP refusals move to the next)."""
+    with (
+        UdpServer(reverse, "127.0.0.1", 0) as server,
+        UdpClient("localhost", server.port, timeout=unit(2)) as c,
+    ):
+        assert c.request(b"name") == b"eman"
+        assert c.server_address[0] == "127.0.0.1"
+
+
+def two_addresses(port: int) -> list[tuple[int, Any]]:
+    """``::1`` first (nothing listens there), then ``127.0.0.1``: what a name like localhost may give."""
+    return [(socket.AF_INET6, ("::1", port, 0, 0)), (socket.AF_INET, ("127.0.0.1", port))]
+
+
+@pytest.mark.skipif(not free_loopback6(), reason="IPv6 loopback (::1) is not available")
+def test_sync_refused_address_gives_way_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host's addresses are tried in order: one whose port is unreachable gives way to the next."""
+    import msgsock.udp
+
+    with UdpServer(reverse, "127.0.0.1", 0) as server:
+        monkeypatch.setattr(msgsock.udp, "_resolve", lambda host, port, family: two_addresses(port))
+        with UdpClient("dual", server.port, timeout=unit(2), retries=0) as client:
+            assert client.server_address[0] == "::1"
+            assert client.request(b"ipv4 after all") == b"lla retfa 4vpi"
+            assert client.server_address[0] == "127.0.0.1"
+
+
+@pytest.mark.skipif(not free_loopback6(), reason="IPv6 loopback (::1) is not available")
+def test_async_refused_address_gives_way_to_the_next(runner: asyncio.Runner) -> None:
+    """The asyncio client also moves to the host's next address on port unreachable."""
+
+    async def main() -> None:
+        async with await serve_udp(reverse, "127.0.0.1", 0) as server:
+            client = AsyncUdpClient("dual", two_addresses(server.port), unit(2), 0, DEFAULT_MAX_SIZE)
+            async with client:
+                assert await client.request(b"abc") == b"cba"
+                assert client.server_address[0] == "127.0.0.1"
+
+    run(runner, main())
+
+
+def test_sync_server_lifecycle() -> None:
+    """shutdown is idempotent, start after shutdown is refused, a closed client refuses requests."""
+    from msgsock.exceptions import InvalidState
+
+    server = UdpServer(lambda m: m, "127.0.0.1", 0)
+    server.start()
+    server.start()
+    done = threading.Event()
+
+    def serve() -> None:
+        server.serve_forever()
+        done.set()
+
+    waiter = threading.Thread(target=serve, daemon=True)
+    waiter.start()
+    server.shutdown()
+    server.shutdown()
+    assert done.wait(unit(5))
+    with pytest.raises(InvalidState):
+        server.start()
+    client = UdpClient("127.0.0.1", server.port)
+    client.close()
+    client.close()
+    with pytest.raises(InvalidState):
+        client.request(b"x")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"timeout": 0}, {"timeout": -1.0}, {"retries": -1}, {"max_size": 70000}, {"max_size": -1}],
+)
+def test_bad_options_are_value_errors(kwargs: dict[str, Any]) -> None:
+    """Impossible timeouts, retry counts and sizes are rejected at construction."""
+    with pytest.raises(ValueError):
+        UdpClient("127.0.0.1", 9, **kwargs)
+
+
+def test_bind_failure_is_oserror(sockets: list[socket.socket]) -> None:
+    """A port already in use fails in the constructor with OSError."""
+    taken = silent_socket("127.0.0.1", sockets)
+    with pytest.raises(OSError):
+        UdpServer(lambda m: m, "127.0.0.1", taken.getsockname()[1])
+
+
+# -- asyncio --------------------------------------------------------------------------------------
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    return asyncio.new_event_loop
+
+
+@pytest.fixture(params=LOOPS)
+def runner(request: pytest.FixtureRequest) -> Iterator[asyncio.Runner]:
+    """An asyncio.Runner on the stock event loop and on uvloop."""
+    with asyncio.Runner(loop_factory=_loop_factory(request.param)) as r:
+        yield r
+
+
+def run(runner: asyncio.Runner, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` with an overall (scaled) deadline."""
+    return runner.run(asyncio.wait_for(coro, unit(20)))
+
+
+def test_async_echo_round_trip(runner: asyncio.Runner, host: str) -> None:
+    """The asyncio server and client exchange whole datagrams, empty and NUL-laden ones included."""
+
+    async def main() -> None:
+        async with await serve_udp(lambda m: m, host, 0) as server:
+            assert server.address[0] == host and server.is_serving()
+            async with await open_udp_client(host, server.port, timeout=unit(2)) as client:
+                for body in BODIES:
+                    assert await client.request(body) == body
+                await client.send_to(b"raw")
+                data, address = await client.receive_from()
+                assert data == b"raw" and address[:2] == server.address[:2]
+            stats = server.statistics()
+        assert stats.messages_received == stats.messages_sent == len(BODIES) + 1
+        assert not server.is_serving()
+
+    run(runner, main())
+
+
+def test_async_reverse_and_coroutine_handler(runner: asyncio.Runner, host: str) -> None:
+    """A coroutine handler's result is the reply; a plain one works alongside."""
+
+    async def slow_reverse(message: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return message[::-1]
+
+    async def main() -> None:
+        async with (
+            await serve_udp(slow_reverse, host, 0) as server,
+            await open_udp_client(host, server.port, timeout=unit(2)) as client,
+        ):
+            assert await client.request(b"stressed") == b"desserts"
+            assert await client.request(b"a\x00b") == b"b\x00a"
+
+    run(runner, main())
+
+
+def test_async_oversize_send_is_rejected(
+    runner: asyncio.Runner, host: str, sockets: list[socket.socket]
+) -> None:
+    """An async send above max_size raises MessageTooLarge before anything is sent."""
+    peer = silent_socket(host, sockets)
+
+    async def main() -> None:
+        async with await open_udp_client(host, peer.getsockname()[1], max_size=10) as client:
+            with pytest.raises(MessageTooLarge):
+                await client.request(b"x" * 11)
+            with pytest.raises(MessageTooLarge):
+                await client.send_to(b"x" * 11)
+            await client.send_to(b"ok")
+
+    run(runner, main())
+    peer.settimeout(unit(2))
+    assert peer.recv(100) == b"ok"
+
+
+def test_async_oversize_datagram_dropped_and_logged(
+    runner: asyncio.Runner, host: str, sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """The asyncio server drops a datagram above max_size, logs peer and sizes, and keeps serving."""
+    raw = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    sockets.append(raw)
+    raw.bind((host, 0))
+
+    async def main() -> None:
+        async with await serve_udp(lambda m: m, host, 0, max_size=100) as server:
+            raw.sendto(b"x" * 500, server.address)
+            async with await open_udp_client(host, server.port, timeout=unit(2), max_size=100) as client:
+                assert await client.request(b"fine") == b"fine"
+            assert server.statistics().errors == 1
+
+    run(runner, main())
+    warnings = [r.getMessage() for r in server_logs.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "max_size 100" in warnings[0]
+    assert str(raw.getsockname()[1]) in warnings[0]
+    if LINUX:
+        assert "500 bytes" in warnings[0]
+
+
+def test_async_timeout_and_retries(runner: asyncio.Runner, host: str, sockets: list[socket.socket]) -> None:
+    """Against a silent socket, the async request tries retries + 1 times, then raises a clear Timeout."""
+    silent = silent_socket(host, sockets)
+    port = silent.getsockname()[1]
+    timeout = unit(0.1)
+
+    async def main() -> None:
+        async with await open_udp_client(host, port, timeout=timeout, retries=1) as client:
+            with pytest.raises(Timeout) as info:
+                await client.request(b"anyone?")
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            assert str(info.value) == f"no reply from {where} after 2 tries of {timeout:g} s"
+            with pytest.raises(Timeout):
+                await client.receive_from(unit(0.05))
+
+    run(runner, main())
+    silent.settimeout(unit(2))
+    assert [silent.recv(100) for _ in range(2)] == [b"anyone?"] * 2
+
+
+def test_async_port_unreachable(runner: asyncio.Runner, host: str) -> None:
+    """The async client reports ICMP port unreachable in its Timeout message."""
+    port = closed_port(host)
+
+    async def main() -> None:
+        async with await open_udp_client(host, port, timeout=unit(0.1), retries=1) as client:
+            with pytest.raises(Timeout, match=r"after 2 tries .*\(port unreachable\)$"):
+                await client.request(b"hello?")
+
+    run(runner, main())
+
+
+def test_async_retry_gets_reply_after_lost_datagram(runner: asyncio.Runner, host: str) -> None:
+    """When the asyncio server drops the first datagram, the client's resend gets the reply."""
+    handler = DropFirst()
+
+    async def main() -> None:
+        async with (
+            await serve_udp(handler, host, 0) as server,
+            await open_udp_client(host, server.port, timeout=unit(0.3), retries=3) as client,
+        ):
+            assert await client.request(b"again") == b"again"
+
+    run(runner, main())
+    assert handler.calls >= 2
+
+
+def test_async_close_waits_for_running_handlers(runner: asyncio.Runner) -> None:
+    """close() stops receiving; wait_closed lets coroutine handlers in progress send their replies."""
+
+    async def main() -> None:
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def gated(message: bytes) -> bytes:
+            started.set()
+            await release.wait()
+            return message
+
+        server = await serve_udp(gated, "127.0.0.1", 0)
+        client = await open_udp_client("127.0.0.1", server.port, timeout=unit(5), retries=0)
+        try:
+            request = asyncio.ensure_future(client.request(b"late"))
+            await started.wait()
+            server.close()
+            closing = asyncio.ensure_future(server.wait_closed())
+            await asyncio.sleep(0)
+            assert not closing.done()
+            release.set()
+            assert await request == b"late"
+            await closing
+        finally:
+            client.close()
+            server.close()
+            await server.wait_closed()
+
+    run(runner, main())
+
+
+# -- the command-line functions -------------------------------------------------------------------
+
+
+def test_run_udp_client_prints_replies() -> None:
+    """run_udp_client prints each reply as escaped text and returns the count; silence raises Timeout."""
+    out = io.StringIO()
+    with UdpServer(lambda m: m, "127.0.0.1", 0) as server:
+        count = run_udp_client(
+            "127.0.0.1",
+            server.port,
+            [b"hello", b"a\x00b", "é".encode()],
+            timeout=unit(2),
+            retries=1,
+            max_size=DEFAULT_MAX_SIZE,
+            out=out,
+        )
+    assert count == 3
+    assert out.getvalue() == "hello\na\\x00b\né\n"
+    with pytest.raises(Timeout, match="port unreachable"):
+        run_udp_client(
+            "127.0.0.1",
+            closed_port("127.0.0.1"),
+            [b"x"],
+            timeout=unit(0.1),
+            retries=0,
+            max_size=DEFAULT_MAX_SIZE,
+            out=out,
+        )
+
+
+class _Lines(io.StringIO):
+    """A text stream a test can wait on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+
+    def write(self, s: str) -> int:
+        n = super().write(s)
+        self.written.set()
+        return n
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs the main thread")
+def test_run_udp_server_serves_until_sigterm() -> None:
+    """run_udp_server prints the ready line with the real port, serves, and returns its statistics on SIGTERM."""
+    out = _Lines()
+    replies: list[bytes] = []
+    failure: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            assert out.written.wait(unit(10)), "no ready line"
+            match = re.fullmatch(r"listening on 127\.0\.0\.1:(\d+) \(udp, datagram\)\n", out.getvalue())
+            assert match, out.getvalue()
+            with UdpClient("127.0.0.1", int(match.group(1)), timeout=unit(2)) as client:
+                replies.append(client.request(b"via the cli"))
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    stats = run_udp_server("127.0.0.1", 0, reverse, max_size=DEFAULT_MAX_SIZE, out=out)
+    driver.join(unit(10))
+    assert not failure, failure
+    assert replies == [b"ilc eht aiv"]
+    assert stats.messages_received == stats.messages_sent == 1
+    assert out.getvalue().count("\n") == 1  # nothing but the ready line
+    assert signal.getsignal(signal.SIGTERM) == before
