@@ -582,3 +582,37 @@ def test_send_from_another_thread_runs_on_the_reactor(
             break
         got += peer.recv(100)
     assert got == b"abc" * 4
+
+
+def test_accept_of_a_connection_reset_in_the_queue_reports_on_close(reactor: Reactor) -> None:
+    """A client that resets while still in the accept queue is accepted as open, then on_close(ECONNRESET)."""
+    rec = Recorder()
+
+    class Server(AsyncSocket):
+        def on_accept(self) -> None:
+            conn = Accepted(self.reactor)
+            self.accept(conn)
+            rec.add("accepted", conn.peer_name[0])
+
+    class Accepted(AsyncSocket):
+        def on_receive(self) -> None:
+            try:
+                self.receive()
+            except OSError:
+                pass
+
+        def on_close(self, error: int) -> None:
+            rec.add("close", error)
+
+    server = Server(reactor)
+    server.create(0, address="127.0.0.1")
+    server.async_select(FD_ALL & ~FD_ACCEPT)  # hold on_accept until the client has reset
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", server.sock_name[1]))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # reset while still in the accept queue
+    server.async_select(FD_ALL)
+    rec.wait_count("close", 1)
+    assert ("accepted", "127.0.0.1") in rec.events
+    assert ("close", errno.ECONNRESET) in rec.events
+    server.close()

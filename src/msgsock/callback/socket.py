@@ -341,6 +341,11 @@ class AsyncSocket:
             InvalidState: this object already holds a socket, or the reactor is stopped.
             ValueError: ``sock`` is neither a stream nor a datagram socket.
         """
+        self._attach(sock, events, None)
+
+    @_on_reactor
+    def _attach(self, sock: socket.socket, events: Event | int | None, peer: Any) -> None:
+        """attach(); ``peer`` is the address accept() returned, when it is known."""
         if self._sock is not None:
             raise InvalidState(f"{self!r} already holds a socket")
         if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
@@ -349,6 +354,12 @@ class AsyncSocket:
         if events is not None:
             self._events = Event(events)
         state = _State.OPEN
+        if peer is not None:
+            # Accepted: connected even if the peer already reset it (getpeername would
+            # then fail with ENOTCONN); the first read reports on_close(ECONNRESET).
+            self._setup(sock, state)
+            self._peer = peer
+            return
         if sock.type == socket.SOCK_STREAM:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                 state = _State.LISTENING
@@ -561,12 +572,12 @@ class AsyncSocket:
         self._accept_armed = True  # WSAAsyncSelect: accept() re-enables FD_ACCEPT, whatever it returns
         self._mark_dirty()
         try:
-            conn, _ = self._sock.accept()
+            conn, address = self._sock.accept()
         except BlockingIOError:
             raise WouldBlock("accept") from None
         target = sock if sock is not None else AsyncSocket(self.reactor, dispatcher=self.dispatcher)
         try:
-            target.attach(conn)
+            target._attach(conn, None, address)
         except BaseException:
             conn.close()
             raise
