@@ -14,7 +14,7 @@ from .helpers import unit
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "msgsock"
 
-CORE = ["exceptions", "framing", "protocol", "archive", "proxy"]
+CORE = ["exceptions", "framing", "protocol", "archive", "proxy", "auth"]
 """Core module names; those not written yet are skipped."""
 
 FORBIDDEN = {"socket", "selectors", "asyncio", "threading", "time", "ssl", "select"}
