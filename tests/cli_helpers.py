@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tests.helpers import unit
@@ -71,10 +71,15 @@ def _pump(stream: object, sink: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def serve(*args: str) -> Iterator[ServerProcess]:
-    """Start ``msgsock serve --port 0 ARGS``, wait for its ready line, yield it, always stop it."""
+def serve(*args: str, program: Sequence[str] = MSGSOCK) -> Iterator[ServerProcess]:
+    """Start ``msgsock serve --port 0 ARGS``, wait for its ready line, yield it, always stop it.
+
+    The server runs in a session of its own, so on failure the whole process group
+    (the workers of ``--engine processes`` too) is killed.  ``program`` replaces the
+    ``python -m msgsock`` prefix (e.g. a ``python -c`` that patches something first).
+    """
     proc = subprocess.Popen(
-        [*MSGSOCK, "serve", "--port", "0", *args],
+        [*program, "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -85,7 +90,7 @@ def serve(*args: str) -> Iterator[ServerProcess]:
         assert proc.stdout is not None and proc.stderr is not None
         ready = proc.stdout.readline()
         if not ready.startswith("listening on "):
-            proc.kill()
+            _kill_session(proc)
             _, err = proc.communicate(timeout=unit(10))
             raise AssertionError(f"server did not start: {ready!r} {err}")
         port = int(ready.split()[2].rsplit(":", 1)[1])
@@ -97,5 +102,15 @@ def serve(*args: str) -> Iterator[ServerProcess]:
         yield server
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_session(proc)
             proc.wait(timeout=unit(10))
+
+
+def _kill_session(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a still running server and every process of its session (its workers)."""
+    if proc.poll() is not None:
+        return  # its process group id may no longer be ours to signal
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()

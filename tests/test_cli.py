@@ -14,7 +14,17 @@ import pytest
 from tests.cli_helpers import ENV, run_cli, serve
 from tests.helpers import unit, wait_for
 
-ENGINES = ["asyncio", "threads"]
+ENGINES = ["asyncio", "threads", "processes"]
+
+
+def _engine(engine: str) -> tuple[str, ...]:
+    """The serve options selecting ``engine`` (two workers for processes: this machine may have one CPU)."""
+    return ("--engine", engine, "--workers", "2") if engine == "processes" else ("--engine", engine)
+
+
+def _label(engine: str) -> str:
+    """The engine as the ready line names it."""
+    return "processes x 2" if engine == "processes" else engine
 
 
 def _exchange(port: int, body: bytes) -> bytes:
@@ -42,15 +52,15 @@ def _read_exactly(s: socket.socket, n: int) -> bytes:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_serve_ready_line_echo_and_summary(engine: str) -> None:
     """The server prints its ready line with the real port, echoes, logs peers and prints a summary on SIGTERM."""
-    with serve("--engine", engine) as server:
-        assert server.ready == f"listening on 127.0.0.1:{server.port} ({engine}, u32be)"
+    with serve(*_engine(engine)) as server:
+        assert server.ready == f"listening on 127.0.0.1:{server.port} ({_label(engine)}, u32be)"
         assert _exchange(server.port, b"hello") == b"hello"
         assert _exchange(server.port, b"") == b""  # zero-length messages are valid
         wait_for(lambda: server.log.count("disconnected") >= 2, unit(10))
         assert server.stop() == 0
         assert "connection from 127.0.0.1:" in server.log
         summary = [line for line in server.stdout if line.startswith("summary:")]
-        assert summary, server.output
+        assert len(summary) == 1, server.output
         assert "2 connections" in summary[0]
         assert "2 messages in / 2 out" in summary[0]
         assert "0 errors" in summary[0]
@@ -60,7 +70,7 @@ def test_serve_ready_line_echo_and_summary(engine: str) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_client_send_and_rounds(engine: str) -> None:
     """`client --send` prints each reply; `--rounds` runs the MFCAsync reverse loop and summarises."""
-    with serve("--engine", engine) as server:
+    with serve(*_engine(engine)) as server:
         done = run_cli("client", "--port", str(server.port), "--send", "one", "--send", "two words")
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == ["one", "two words"]
@@ -98,8 +108,8 @@ def test_reverse_handler() -> None:
 def test_header_fields_are_echoed(engine: str) -> None:
     """A --frame format string with fields: the client sets them and the echo returns them."""
     fmt = "u32be+kind:B+flags:H"
-    with serve("--engine", engine, "--frame", fmt) as server:
-        assert server.ready.endswith(f"({engine}, {fmt})")
+    with serve(*_engine(engine), "--frame", fmt) as server:
+        assert server.ready.endswith(f"({_label(engine)}, {fmt})")
         done = run_cli(
             "client",
             "--port",
@@ -120,7 +130,7 @@ def test_header_fields_are_echoed(engine: str) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_oversize_frame_closes_only_that_connection(engine: str) -> None:
     """A declared length above --max-size closes that connection with a log line naming peer and both numbers."""
-    with serve("--engine", engine, "--max-size", "1000") as server:
+    with serve(*_engine(engine), "--max-size", "1000") as server:
         good = socket.create_connection(("127.0.0.1", server.port), timeout=unit(10))
         bad = socket.create_connection(("127.0.0.1", server.port), timeout=unit(10))
         with good, bad:
@@ -145,7 +155,7 @@ def test_oversize_frame_closes_only_that_connection(engine: str) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_misbehaving_peers_do_not_disturb_others(engine: str) -> None:
     """Mid-frame close and reset are logged without traceback; a concurrent client is unaffected."""
-    with serve("--engine", engine) as server:
+    with serve(*_engine(engine)) as server:
         good = socket.create_connection(("127.0.0.1", server.port), timeout=unit(10))
         with good:
             with socket.create_connection(("127.0.0.1", server.port)) as midframe:

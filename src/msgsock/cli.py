@@ -2,23 +2,41 @@
 
 Exit status: 0 success, 1 failure, 2 usage.  Bad input gets one clear line on stderr,
 never a traceback.  ``python -m msgsock`` and the ``msgsock`` script both call :func:`main`.
+
+``serve --udp`` and ``client --udp`` speak datagrams (SPEC §5.4): one datagram is one
+message, so the options about frames and connections do not apply and are usage
+errors; ``--max-size`` defaults to 65507 there (the largest UDP payload over IPv4).
+Options whose default depends on the mode default to None here and are resolved in
+the command, which is how an explicitly given one is told apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .exceptions import InvalidFormat
 from .framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
 from .protocol import DEFAULT_LIMITS, Limits
+from .server import ENGINES
+from .udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
+from .udp import DEFAULT_RETRIES as UDP_RETRIES
+from .udp import DEFAULT_TIMEOUT as UDP_TIMEOUT
+from .udp import MAX_DATAGRAM as UDP_MAX_DATAGRAM
+
+if TYPE_CHECKING:
+    from .client import RoundsResult
 
 __all__ = ["main"]
 
@@ -85,6 +103,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
 def _header_field(text: str) -> tuple[str, int]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -126,13 +154,13 @@ def _setup_logging(level: str, as_json: bool) -> None:
 
 
 def _add_frame_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frame", type=_frame, default=FrameFormat(), help=_FRAME_HELP)
+    p.add_argument("--frame", type=_frame, default=None, help=_FRAME_HELP)
     p.add_argument(
         "--max-size",
         type=_size,
-        default=DEFAULT_MAX_SIZE,
+        default=None,
         metavar="BYTES",
-        help="largest message body accepted or sent (default 16MiB)",
+        help=f"largest message body accepted or sent (default 16MiB; {UDP_MAX_SIZE} with --udp)",
     )
 
 
@@ -154,7 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=9898, help="port (default 9898; 0 = any, printed when ready)"
     )
     serve.add_argument(
-        "--engine", choices=("asyncio", "threads"), default="asyncio", help="server engine (default asyncio)"
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="server engine: asyncio (uvloop), threads (one per connection) or processes "
+        "(--workers event loops sharing the port); default asyncio",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"worker processes of --engine processes (default: the number of CPUs, {os.cpu_count()} here)",
+    )
+    serve.add_argument(
+        "--udp",
+        action="store_true",
+        help=f"serve UDP datagrams, one message each (--max-size defaults to {UDP_MAX_SIZE})",
     )
     serve.add_argument(
         "--handler",
@@ -163,32 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the server replies (default echo)",
     )
     _add_frame_options(serve)
-    serve.add_argument("--max-connections", type=int, default=DEFAULT_LIMITS.max_connections, metavar="N")
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"more are closed at once (default {DEFAULT_LIMITS.max_connections}; per worker with processes)",
+    )
     serve.add_argument(
         "--idle-timeout",
         type=_seconds,
-        default=DEFAULT_LIMITS.idle_timeout,
+        default=None,
         metavar="S",
         help="0 = off (default 300)",
     )
     serve.add_argument(
         "--message-timeout",
         type=_seconds,
-        default=DEFAULT_LIMITS.message_timeout,
+        default=None,
         metavar="S",
         help="a started message must complete within S (default 30; 0 = off)",
     )
     serve.add_argument(
         "--handshake-timeout",
         type=_seconds,
-        default=DEFAULT_LIMITS.handshake_timeout,
+        default=None,
         metavar="S",
         help="default 10",
     )
     serve.add_argument(
         "--shutdown-timeout",
         type=_seconds,
-        default=DEFAULT_LIMITS.shutdown_timeout,
+        default=None,
         metavar="S",
         help="graceful shutdown deadline (default 5)",
     )
@@ -204,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
         "host", nargs="?", default="127.0.0.1", help="server host name or address (default 127.0.0.1)"
     )
     client.add_argument("--port", type=_port, default=9898)
+    client.add_argument(
+        "--udp",
+        action="store_true",
+        help="send each message as one UDP datagram and wait for the reply (resent on silence)",
+    )
+    client.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"--udp: resend a message N times when no reply comes (default {UDP_RETRIES})",
+    )
     _add_frame_options(client)
     client.add_argument(
         "--header",
@@ -230,11 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--timeout",
         type=_seconds,
-        default=10.0,
+        default=None,
         metavar="S",
-        help="how long to wait for each reply (default 10)",
+        help=f"how long to wait for each reply (default 10; with --udp {UDP_TIMEOUT:g}, per try)",
     )
-    client.add_argument("--connect-timeout", type=_seconds, default=10.0, metavar="S")
+    client.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="TCP connect deadline (default 10)",
+    )
     ui = client.add_mutually_exclusive_group()
     ui.add_argument(
         "--tui", action="store_true", help="force the interactive client (the default on a terminal)"
@@ -260,32 +328,89 @@ def build_parser() -> argparse.ArgumentParser:
 # -- commands --------------------------------------------------------------------------------
 
 
+_LIMIT_OPTIONS = (
+    "max_connections",
+    "idle_timeout",
+    "message_timeout",
+    "handshake_timeout",
+    "shutdown_timeout",
+)
+
+
 def _limits(args: argparse.Namespace) -> Limits:
-    return Limits(
-        max_connections=args.max_connections,
-        idle_timeout=args.idle_timeout,
-        message_timeout=args.message_timeout,
-        handshake_timeout=args.handshake_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-    )
+    # None: not given on the command line, so the library default (SPEC §7).
+    given = {name: getattr(args, name) for name in _LIMIT_OPTIONS if getattr(args, name) is not None}
+    return Limits(**given)
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _frame_of(args: argparse.Namespace) -> FrameFormat:
+    frame: FrameFormat = args.frame or FrameFormat()
+    return frame.with_max_size(DEFAULT_MAX_SIZE if args.max_size is None else args.max_size)
+
+
+def _udp_conflicts(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
+    """The options given with ``--udp`` that only mean something over TCP."""
+    conflicts = []
+    if getattr(args, "engine", None) not in (None, "asyncio"):
+        conflicts.append(f"--engine {args.engine}")
+    if args.frame is not None and args.frame != FrameFormat():
+        conflicts.append(f"--frame {args.frame}")
+    conflicts += [_option(name) for name in names if getattr(args, name) not in (None, [], False)]
+    return conflicts
+
+
+def _udp_max_size(args: argparse.Namespace) -> int | str:
+    """The datagram size limit of ``--udp``, or the usage error to print."""
+    if args.max_size is None:
+        return UDP_MAX_SIZE
+    if args.max_size > UDP_MAX_DATAGRAM:
+        return f"--max-size {args.max_size} is above {UDP_MAX_DATAGRAM}, the largest UDP datagram"
+    return int(args.max_size)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, run_server
+    from .server import MAX_WORKERS, ServerConfig, run_server
+
+    def usage(message: str) -> int:
+        print(f"msgsock serve: error: {message}", file=sys.stderr)
+        return 2
 
     _setup_logging(args.log_level, args.json)
+    max_datagram = UDP_MAX_SIZE
+    if args.udp:
+        # A datagram is one message: no frame header, no connections, one engine (SPEC §6.1).
+        conflicts = _udp_conflicts(args, ("workers", *_LIMIT_OPTIONS))
+        if conflicts:
+            return usage(
+                f"--udp cannot be combined with {', '.join(conflicts)} "
+                "(UDP has no frames, no connections and one engine)"
+            )
+        size = _udp_max_size(args)
+        if isinstance(size, str):
+            return usage(size)
+        max_datagram = size
+    elif args.workers is not None and args.engine != "processes":
+        return usage(f"--workers needs --engine processes, not --engine {args.engine or 'asyncio'}")
+    elif args.workers is not None and args.workers > MAX_WORKERS:
+        return usage(f"--workers {args.workers} is above {MAX_WORKERS}")
     try:
         limits = _limits(args)
     except ValueError as exc:
-        print(f"msgsock serve: error: {exc}", file=sys.stderr)
-        return 2
+        return usage(str(exc))
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        engine=args.engine,
+        engine=args.engine or "asyncio",
         handler=args.handler,
-        frame=args.frame.with_max_size(args.max_size),
+        frame=_frame_of(args),
         limits=limits,
+        workers=args.workers,
+        udp=args.udp,
+        max_datagram_size=max_datagram,
     )
     try:
         run_server(config)
@@ -295,6 +420,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    except ValueError as exc:  # a combination run_server refuses (already checked above)
+        return usage(str(exc))
     return 0
 
 
@@ -304,7 +431,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.send:
         print("msgsock client: error: --rounds and --send cannot be combined", file=sys.stderr)
         return 2
-    frame = args.frame.with_max_size(args.max_size)
+    if args.udp:
+        return _cmd_client_udp(args)
+    if args.retries is not None:
+        print("msgsock client: error: --retries needs --udp", file=sys.stderr)
+        return 2
+    frame = _frame_of(args)
     header = dict(args.header)
     unknown = sorted(set(header) - set(frame.field_names))
     if unknown:
@@ -347,6 +479,118 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print(f"msgsock client: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_client_udp(args: argparse.Namespace) -> int:
+    """``msgsock client --udp``: each message one datagram, resent on silence (SPEC §6.2, §5.4)."""
+    conflicts = _udp_conflicts(args, ("header", "connect_timeout", "tui"))
+    if conflicts:
+        print(
+            f"msgsock client: error: --udp cannot be combined with {', '.join(conflicts)} "
+            "(a datagram is one message: no frame header, no connection)",
+            file=sys.stderr,
+        )
+        return 2
+    max_size = _udp_max_size(args)
+    if isinstance(max_size, str):
+        print(f"msgsock client: error: {max_size}", file=sys.stderr)
+        return 2
+    timeout = args.timeout or UDP_TIMEOUT  # 0 means the default, as for TCP
+    retries = UDP_RETRIES if args.retries is None else args.retries
+    try:
+        if args.rounds is not None:
+            result = _udp_rounds(args, args.rounds, timeout=timeout, retries=retries, max_size=max_size)
+            print(
+                f"{result.rounds} rounds, all verified; RTT p50 {result.percentile(0.5) * 1e6:.0f} us, "
+                f"p99 {result.percentile(0.99) * 1e6:.0f} us"
+            )
+            return 0
+        if args.send:
+            texts: Iterable[str] = args.send
+        else:
+            # No interactive client over UDP: a terminal gets line mode.
+            if sys.stdin.isatty():
+                print("type a message and press Enter; Ctrl-D to quit", file=sys.stderr)
+            texts = (line.rstrip("\r\n") for line in sys.stdin)
+        _udp_lines(args, texts, timeout=timeout, retries=retries, max_size=max_size)
+    except _UdpClientError as exc:
+        print(f"msgsock client: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _UdpClientError(Exception):
+    """A failure of ``client --udp``, with the one line to show."""
+
+
+@contextlib.contextmanager
+def _udp_client(args: argparse.Namespace, *, timeout: float, retries: int, max_size: int) -> Iterator[Any]:
+    """Open a :class:`msgsock.udp.UdpClient`; translate what can go wrong to one line.
+
+    Raises:
+        _UdpClientError: the host does not resolve, no reply, a size or system error.
+    """
+    from .exceptions import MessageTooLarge, Timeout
+    from .udp import UdpClient
+
+    where = f"{args.host}:{args.port}"
+    try:
+        client = UdpClient(args.host, args.port, timeout=timeout, retries=retries, max_size=max_size)
+    except socket.gaierror as exc:
+        raise _UdpClientError(f"cannot resolve {args.host!r}: {exc.strerror or exc}") from None
+    except OSError as exc:
+        raise _UdpClientError(f"cannot send to {where}: {exc.strerror or exc}") from None
+    try:
+        with client:
+            yield client
+    except Timeout as exc:  # "no reply from HOST:PORT after N tries of T s"
+        raise _UdpClientError(str(exc)) from None
+    except MessageTooLarge as exc:  # only a reply gets here: a request is checked before
+        raise _UdpClientError(f"a reply of {exc.size} bytes is above --max-size {exc.max_size}") from None
+    except OSError as exc:
+        raise _UdpClientError(f"cannot send to {where}: {exc.strerror or exc}") from None
+
+
+def _udp_request(client: Any, data: bytes, what: str, max_size: int) -> bytes:
+    # Checked here, not only by request(), so the error says which message.
+    if len(data) > max_size:
+        raise _UdpClientError(
+            f"{what} is {len(data)} bytes, above --max-size {max_size} (the largest datagram to send)"
+        )
+    reply: bytes = client.request(data)
+    return reply
+
+
+def _udp_lines(
+    args: argparse.Namespace, texts: Iterable[str], *, timeout: float, retries: int, max_size: int
+) -> None:
+    from .client import escape_text
+
+    with _udp_client(args, timeout=timeout, retries=retries, max_size=max_size) as client:
+        for n, text in enumerate(texts, 1):
+            reply = _udp_request(client, text.encode("utf-8"), f"message {n}", max_size)
+            print(escape_text(reply), flush=True)
+
+
+def _udp_rounds(
+    args: argparse.Namespace, rounds: int, *, timeout: float, retries: int, max_size: int
+) -> RoundsResult:
+    """The MFCAsync loop over datagrams: send, verify the echo, reverse, send back."""
+    from .client import RoundsResult, escape_text
+
+    rtts: list[float] = []
+    payload = args.message.encode("utf-8")
+    with _udp_client(args, timeout=timeout, retries=retries, max_size=max_size) as client:
+        for n in range(1, rounds + 1):
+            start = time.perf_counter()
+            echo = _udp_request(client, payload, f"round {n}", max_size)
+            rtts.append(time.perf_counter() - start)
+            if echo != payload:
+                raise _UdpClientError(
+                    f"mismatch at round {n}: sent {escape_text(payload, 80)!r}, got {escape_text(echo, 80)!r}"
+                )
+            payload = payload[::-1]
+    return RoundsResult(rounds, rtts)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
