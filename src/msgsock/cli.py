@@ -25,8 +25,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .exceptions import InvalidFormat
+from . import __version__, _args
 from .framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
 from .protocol import DEFAULT_LIMITS, Limits
 from .server import ENGINES
@@ -47,70 +46,6 @@ _FRAME_HELP = (
 
 
 # -- argument types: each raises ArgumentTypeError, which argparse turns into exit 2 ----------
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range 0-65535")
-    return port
-
-
-def _frame(text: str) -> FrameFormat:
-    try:
-        return FrameFormat.parse(text)
-    except InvalidFormat as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _size(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    body = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(body[-1:], 1)
-    if scale != 1:
-        body = body[:-1]
-    try:
-        value = int(body) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size {text!r} is not a byte count (e.g. 65536, 64KiB, 16MiB)"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is negative")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0 seconds")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
-    return value
 
 
 def _header_field(text: str) -> tuple[str, int]:
@@ -154,10 +89,10 @@ def _setup_logging(level: str, as_json: bool) -> None:
 
 
 def _add_frame_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frame", type=_frame, default=None, help=_FRAME_HELP)
+    p.add_argument("--frame", type=_args.frame, default=None, help=_FRAME_HELP)
     p.add_argument(
         "--max-size",
-        type=_size,
+        type=_args.byte_size,
         default=None,
         metavar="BYTES",
         help=f"largest message body accepted or sent (default 16MiB; {UDP_MAX_SIZE} with --udp)",
@@ -179,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 or :: to expose)"
     )
     serve.add_argument(
-        "--port", type=_port, default=9898, help="port (default 9898; 0 = any, printed when ready)"
+        "--port",
+        type=_args.server_port,
+        default=9898,
+        help="port (default 9898; 0 = any, printed when ready)",
     )
     serve.add_argument(
         "--engine",
@@ -190,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_args.positive_int,
         default=None,
         metavar="N",
         help=f"worker processes of --engine processes (default: the number of CPUs, {os.cpu_count()} here)",
@@ -216,28 +154,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--idle-timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help="0 = off (default 300)",
     )
     serve.add_argument(
         "--message-timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help="a started message must complete within S (default 30; 0 = off)",
     )
     serve.add_argument(
         "--handshake-timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help="default 10",
     )
     serve.add_argument(
         "--shutdown-timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help="graceful shutdown deadline (default 5)",
@@ -253,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "host", nargs="?", default="127.0.0.1", help="server host name or address (default 127.0.0.1)"
     )
-    client.add_argument("--port", type=_port, default=9898)
+    client.add_argument("--port", type=_args.port, default=9898)
     client.add_argument(
         "--udp",
         action="store_true",
@@ -261,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--retries",
-        type=_non_negative_int,
+        type=_args.non_negative_int,
         default=None,
         metavar="N",
         help=f"--udp: resend a message N times when no reply comes (default {UDP_RETRIES})",
@@ -284,21 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=_args.positive_int,
         metavar="N",
         help="MFCAsync loop: send, verify the echo, reverse, send back; N times",
     )
     client.add_argument("--message", default="Hello from msgsock", help="first message of --rounds")
     client.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help=f"how long to wait for each reply (default 10; with --udp {UDP_TIMEOUT:g}, per try)",
     )
     client.add_argument(
         "--connect-timeout",
-        type=_seconds,
+        type=_args.non_negative_float,
         default=None,
         metavar="S",
         help="TCP connect deadline (default 10)",

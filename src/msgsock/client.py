@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ._net import format_address
 from .exceptions import ConnectionClosed, MsgsockError, Timeout
 from .framing import DEFAULT_FORMAT, FrameFormat, Message
 from .protocol import DEFAULT_LIMITS, Limits
@@ -68,7 +69,7 @@ def _format_reply(reply: bytes) -> str:
 
 
 def _connect(config: ClientConfig) -> Connection:
-    where = f"{config.host}:{config.port}"
+    where = format_address((config.host, config.port))
     try:
         return connect(
             config.host,

@@ -117,9 +117,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from . import _args
 from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index
 from ._net import format_address, set_nodelay
-from .exceptions import InvalidFormat, ProtocolError
+from .exceptions import ProtocolError
 from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameDecoder, FrameFormat
 
 __all__ = ["ERROR_KINDS", "StressConfig", "configure_parser", "run"]
@@ -2139,79 +2140,15 @@ def _plot(path: str, cfg: StressConfig, report: dict[str, Any], hist: Histogram)
 # -- command line -------------------------------------------------------------------------
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range 1-65535")
-    return port
-
-
-def _bytes_value(text: str) -> int:
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    body = text.strip().lower().removesuffix("ib").removesuffix("b")
-    scale = units.get(body[-1:], 1)
-    if scale != 1:
-        body = body[:-1]
-    try:
-        value = int(body) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"size {text!r} is not a byte count (e.g. 64, 1KiB, 16MiB)"
-        ) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is negative")
-    return value
-
-
 def _size_range(text: str) -> tuple[int, int]:
     low, sep, high = text.partition("-")
     if not sep:
-        n = _bytes_value(text)
+        n = _args.byte_size(text)
         return n, n
-    a, b = _bytes_value(low), _bytes_value(high)
+    a, b = _args.byte_size(low), _args.byte_size(high)
     if a > b:
         raise argparse.ArgumentTypeError(f"size range {text!r} has MIN above MAX")
     return a, b
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def _frame(text: str) -> FrameFormat:
-    try:
-        return FrameFormat.parse(text)
-    except InvalidFormat as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -2223,9 +2160,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="HOST",
         help="server host name or address (default 127.0.0.1)",
     )
-    parser.add_argument("--port", type=_port, default=9898, help="server port (default 9898)")
+    parser.add_argument("--port", type=_args.port, default=9898, help="server port (default 9898)")
     parser.add_argument(
-        "-c", "--connections", type=_positive_int, default=1, metavar="N", help="connections (default 1)"
+        "-c", "--connections", type=_args.positive_int, default=1, metavar="N", help="connections (default 1)"
     )
     parser.add_argument(
         "-s",
@@ -2241,59 +2178,64 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-d",
         "--depth",
-        type=_positive_int,
+        type=_args.positive_int,
         default=1,
         metavar="D",
         help="messages in flight per connection (default 1)",
     )
     how_long = parser.add_mutually_exclusive_group()
     how_long.add_argument(
-        "-t", "--duration", type=_positive_float, metavar="S", help="seconds to measure (default 10)"
+        "-t", "--duration", type=_args.positive_float, metavar="S", help="seconds to measure (default 10)"
     )
     how_long.add_argument(
         "-n",
         "--messages",
-        type=_positive_int,
+        type=_args.positive_int,
         metavar="N",
         help="total messages to measure, across connections",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative_float,
+        type=_args.non_negative_float,
         default=0.0,
         metavar="S",
         help="seconds of unmeasured traffic first",
     )
     parser.add_argument(
         "--rate",
-        type=_positive_float,
+        type=_args.positive_float,
         metavar="R",
         help="open loop: R messages/s overall on a fixed schedule; latency from intended send times",
     )
     parser.add_argument(
-        "--connect-rate", type=_positive_float, metavar="R", help="open at most R connections per second"
+        "--connect-rate", type=_args.positive_float, metavar="R", help="open at most R connections per second"
     )
     parser.add_argument(
         "--frame",
-        type=_frame,
+        type=_args.frame,
         default=FrameFormat(),
         help=f"frame format: a preset ({', '.join(PRESETS)}) or a format string such as "
         "'u32be+kind:B' (default u32be; ignored with --udp)",
     )
     parser.add_argument(
         "--max-size",
-        type=_bytes_value,
+        type=_args.byte_size,
         default=DEFAULT_MAX_SIZE,
         metavar="BYTES",
         help="largest reply accepted (default 16MiB)",
     )
     parser.add_argument("--udp", action="store_true", help="UDP: one datagram per message, no length header")
     parser.add_argument(
-        "-w", "--workers", type=_positive_int, default=1, metavar="N", help="processes to run (default 1)"
+        "-w",
+        "--workers",
+        type=_args.positive_int,
+        default=1,
+        metavar="N",
+        help="processes to run (default 1)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_args.positive_float,
         default=5.0,
         metavar="S",
         help="a reply later than S counts as lost; also the connect timeout (default 5)",
@@ -2303,7 +2245,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--interval",
-        type=_positive_float,
+        type=_args.positive_float,
         default=1.0,
         metavar="S",
         help="seconds between live lines (default 1)",
