@@ -3,6 +3,11 @@
 Works on the stock asyncio event loop and on uvloop.  Importing this package never
 changes the event loop policy; :func:`install_uvloop` and :func:`run` are the
 explicit ways to use uvloop (SPEC §3: uvloop when present, stock asyncio otherwise).
+
+Security options (SPEC §4.2, §7): ``serve(ssl=..., auth_key=..., proxy_protocol=True)``
+and ``connect(ssl=..., auth_key=...)``.  A server runs the stages PROXY header, TLS,
+authentication in that order within one ``limits.handshake_timeout``, before the
+framed protocol takes the connection over.
 """
 
 from __future__ import annotations

@@ -24,12 +24,20 @@ and a pump over :class:`~msgsock.protocol.MessageProtocol` (STYLE §1):
 Close (the Winsock graceful shutdown of the seeds): flush, shut down our sending
 side (``write_eof``), read and discard until the peer's EOF or ``close_timeout``,
 then close the socket; abort it if it still cannot close by then.
+
+Authentication (SPEC §4.2, ``connect(auth_key=...)``): a small protocol object,
+:class:`_ClientAuthProtocol`, pumps the sans-I/O
+:class:`~msgsock.auth.ClientHandshake` first; once the server's proof checks out it
+swaps the framed :class:`Connection` in (``transport.set_protocol``) and hands it
+the bytes that followed the handshake, so the framed path never tests for a
+handshake on a read.  TLS comes before it (SPEC §7 order: TLS, then auth, then frames).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import ssl as ssl_module
 import threading
 from collections import deque
@@ -37,11 +45,20 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from .._net import format_address, set_nodelay
-from ..exceptions import ConcurrencyError, ConnectionClosed, InvalidState, ProtocolError, Timeout
+from ..auth import ClientHandshake, new_nonce
+from ..exceptions import (
+    ConcurrencyError,
+    ConnectionClosed,
+    HandshakeError,
+    InvalidState,
+    ProtocolError,
+    Timeout,
+)
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
 
 if TYPE_CHECKING:
+    from ..proxy import ProxyInfo
     from .server import Server
 
 __all__ = ["READ_BUFFER_SIZE", "Connection", "connect", "read_buffer"]
@@ -67,6 +84,38 @@ def read_buffer() -> memoryview:
     if view is None:
         view = _local.view = memoryview(bytearray(READ_BUFFER_SIZE))
     return view
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A short reason for a failed TLS handshake, for logs: OpenSSL's words, no traceback.
+
+    ``[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca`` for an
+    :class:`ssl.SSLError` (the ``(_ssl.c:NNN)`` source position dropped), the
+    verification failure for a certificate we refused (``certificate verify failed:
+    certificate has expired``), :func:`describe_os_error` for the rest.
+    """
+    if isinstance(exc, ssl_module.SSLError):
+        text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+        return _SSL_SOURCE.sub("", text) or type(exc).__name__
+    return describe_os_error(exc)
+
+
+def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Deliver ``data`` to ``protocol`` as if the transport had read it (through its buffer).
+
+    Used when a handshake stage hands over to the framed protocol: the bytes that
+    followed the handshake in the same read are the start of the frames.
+    """
+    at = 0
+    while at < len(data):
+        buf = memoryview(protocol.get_buffer(len(data) - at)).cast("B")
+        n = min(len(buf), len(data) - at)
+        buf[:n] = data[at : at + n]
+        protocol.buffer_updated(n)
+        at += n
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -117,6 +166,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: str = "?"  # formatted peer address, for logs
         self._peer_address: Any = None
         self._local_address: Any = None
+        self._proxy_info: ProxyInfo | None = None
         # Receiving.
         self._messages: deque[Any] = deque()
         self._unread = 0  # bytes charged for queued messages
@@ -145,19 +195,23 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the transport (not by applications)."""
+        self._setup(transport, transport.get_extra_info("peername"))
+        if self._server is not None:
+            self._server._connection_made(self)
+
+    def _setup(self, transport: asyncio.BaseTransport, peer_address: Any) -> None:
+        """Take ``transport``; ``peer_address`` is the peer to report (a proxied client's, SPEC §7)."""
         # uvloop's transports are not asyncio.Transport subclasses, only look alike.
         self._transport = transport = cast(asyncio.Transport, transport)
-        self._peer_address = transport.get_extra_info("peername")
+        self._peer_address = peer_address
         self._local_address = transport.get_extra_info("sockname")
-        self.peer = format_address(self._peer_address)
+        self.peer = format_address(peer_address)
         self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_nodelay(sock)
         limits = self._limits
         transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
-        if self._server is not None:
-            self._server._connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Called by the transport (not by applications)."""
@@ -497,8 +551,18 @@ class Connection(asyncio.BufferedProtocol):
 
     @property
     def peer_address(self) -> Any:
-        """The peer's socket address, e.g. ``("127.0.0.1", 5555)``."""
+        """The peer's address, e.g. ``("127.0.0.1", 5555)``.
+
+        On a server with ``proxy_protocol``, the client the PROXY header named (the
+        socket's own peer, the proxy, for a ``LOCAL`` or ``UNKNOWN`` header); see
+        :attr:`proxy_info`.
+        """
         return self._peer_address
+
+    @property
+    def proxy_info(self) -> ProxyInfo | None:
+        """The PROXY header this connection began with (server with ``proxy_protocol``), else None."""
+        return self._proxy_info
 
     @property
     def local_address(self) -> Any:
@@ -543,6 +607,87 @@ def _wake(waiter: asyncio.Future[None] | None) -> None:
         waiter.set_result(None)
 
 
+class _ClientAuthProtocol(asyncio.BufferedProtocol):
+    """The client's authentication handshake (SPEC §4.2), before the framed :class:`Connection`.
+
+    Writes the hello at once, pumps :class:`~msgsock.auth.ClientHandshake`, and on
+    success swaps a new :class:`Connection` in on the same transport, in the read
+    that completed the handshake (so no byte after it reaches this object).
+    """
+
+    def __init__(self, key: bytes, frame: FrameFormat, limits: Limits) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._handshake = ClientHandshake(key, new_nonce())
+        self._frame = frame
+        self._limits = limits
+        self._view = read_buffer()
+        self._transport: asyncio.Transport | None = None
+        self.result: asyncio.Future[Connection] = self._loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        # The hellos cross: ours goes out at once (docs/handshake.md).
+        transport.write(self._handshake.data_to_send())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.result.done():
+            return
+        handshake = self._handshake
+        try:
+            handshake.receive_data(self._view[:nbytes])
+        except HandshakeError as exc:
+            self._failed(exc)
+            return
+        transport = self._transport
+        assert transport is not None
+        out = handshake.data_to_send()
+        if out:
+            transport.write(out)
+        if handshake.done:
+            conn = Connection(self._frame, self._limits)
+            transport.set_protocol(conn)
+            conn.connection_made(transport)
+            feed_buffered(conn, handshake.remaining)
+            self.result.set_result(conn)
+
+    def eof_received(self) -> bool:
+        if not self.result.done():
+            try:
+                self._handshake.receive_eof()
+            except HandshakeError as exc:
+                self._failed(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.result.done():
+            return
+        if isinstance(exc, ssl_module.SSLError):
+            # A TLS failure after the TLS handshake (e.g. TLS 1.3: the server refused
+            # our certificate) is the real reason; report it as connect's TLS errors.
+            self.result.set_exception(exc)
+            return
+        try:
+            self._handshake.receive_eof()
+        except HandshakeError as error:
+            error.__cause__ = exc
+            self.result.set_exception(error)
+
+    def _failed(self, exc: HandshakeError) -> None:
+        self.result.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def abort(self) -> None:
+        """Give up (connect timed out or was cancelled): close at once."""
+        if not self.result.done():
+            self.result.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+
 async def connect(
     host: str = "127.0.0.1",
     port: int = 9898,
@@ -552,10 +697,22 @@ async def connect(
     ssl: ssl_module.SSLContext | None = None,
     server_hostname: str | None = None,
     connect_timeout: float | None = 10.0,
+    auth_key: bytes | None = None,
 ) -> Connection:
     """Open a framed connection to ``host:port``.
 
-    Every address the name resolves to is tried in order.
+    Every address the name resolves to is tried in order.  With ``ssl`` the TLS
+    handshake, then with ``auth_key`` the authentication handshake (SPEC §4.2), run
+    before this returns: the connection it returns carries frames only, and the
+    server has proved it knows the key.
+
+    TLS failures are raised as the :mod:`ssl` module reports them (e.g.
+    :class:`ssl.SSLCertVerificationError`, whose ``verify_message`` says why the
+    server's certificate was refused), not wrapped.  With TLS 1.3 a server that
+    refuses *our* certificate says so only after the handshake: without
+    ``auth_key`` that shows on the first :meth:`~Connection.receive` as
+    :class:`~msgsock.exceptions.ConnectionClosed` with the TLS reason; with
+    ``auth_key`` it is raised here as the :class:`ssl.SSLError`.
 
     Args:
         host: a name, a dotted IPv4 address or an IPv6 address.
@@ -565,8 +722,10 @@ async def connect(
         ssl: a client TLS context, to connect with TLS.
         server_hostname: the name to check the server's certificate against
             (default: ``host``).
-        connect_timeout: seconds for the TCP connect and TLS handshake; None waits
-            as long as the system does.
+        connect_timeout: seconds for the TCP connect, the TLS handshake and the
+            authentication handshake together; None waits as long as the system does.
+        auth_key: the shared key (at least 16 bytes) of a server that requires
+            authentication (``msgsock.auth.parse_key_file`` reads a key file).
 
     Returns:
         The open :class:`Connection`.
@@ -576,23 +735,50 @@ async def connect(
         ConnectionRefusedError: nothing listens there.
         socket.gaierror: the name cannot be resolved.
         OSError: another network error.
-        ssl.SSLError: the TLS handshake failed.
+        ssl.SSLError: the TLS handshake failed (``ssl.SSLCertVerificationError``
+            when the server's certificate is not trusted or has expired).
+        HandshakeError: the authentication failed: "authentication failed: the
+            server rejected our key", "...the peer does not know the key (bad server
+            proof)", or a server that does not speak the handshake ("bad handshake
+            magic ...", "connection closed by the peer before its authentication
+            hello ...").
+        ValueError: ``auth_key`` is shorter than 16 bytes.
     """
     loop = asyncio.get_running_loop()
+    if auth_key is not None:
+        ClientHandshake(auth_key, new_nonce())  # a bad key fails here, before any I/O
+    opened: list[_ClientAuthProtocol] = []
 
-    def factory() -> Connection:
-        return Connection(frame, limits)
+    def factory() -> asyncio.BufferedProtocol:
+        if auth_key is None:
+            return Connection(frame, limits)
+        proto = _ClientAuthProtocol(auth_key, frame, limits)
+        opened.append(proto)
+        return proto
 
     kwargs: dict[str, Any] = {}
     if ssl is not None:
         kwargs["ssl"] = ssl
         kwargs["server_hostname"] = server_hostname if server_hostname is not None else host
+
+    async def open_connection() -> Connection:
+        _, proto = await loop.create_connection(factory, host, port, **kwargs)
+        if isinstance(proto, Connection):
+            return proto
+        assert isinstance(proto, _ClientAuthProtocol)
+        return await proto.result
+
+    where = format_address((host, port))
     try:
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(factory, host, port, **kwargs), connect_timeout
-        )
+        return await asyncio.wait_for(open_connection(), connect_timeout)
     except TimeoutError:
-        raise Timeout(
-            f"connecting to {format_address((host, port))} timed out after {connect_timeout:g} s"
-        ) from None
-    return conn
+        if opened and opened[-1]._transport is not None:
+            opened[-1].abort()
+            raise Timeout(
+                f"authentication with {where} did not complete within {connect_timeout:g} s"
+            ) from None
+        raise Timeout(f"connecting to {where} timed out after {connect_timeout:g} s") from None
+    except BaseException:
+        for proto in opened:
+            proto.abort()
+        raise

@@ -30,6 +30,27 @@ Log lines (the same as the threaded server's): ``connection from PEER`` and
 ``PEER disconnected (N messages in, M out)`` at info; ``PEER closed: REASON`` at
 warning for an abnormal end (no traceback); a handler's exception at error with
 its traceback.
+
+Handshake stages (SPEC §4.2, §7; ``docs/handshake.md``).  A server with a PROXY
+header to read, TLS or an auth key first gives each connection to a
+:class:`_HandshakeProtocol`, which runs, in this order and within **one**
+``limits.handshake_timeout`` deadline (one timer per connection, cancelled when
+done): the PROXY header (:class:`~msgsock.proxy.ProxyHeaderParser`; when TLS follows,
+each read takes at most ``parser.max_read`` bytes so the ClientHello stays in the
+socket), TLS (``loop.start_tls`` on the accepted transport), and the
+authentication handshake (:class:`~msgsock.auth.ServerHandshake`).  Then it puts
+the framed protocol on the transport (``transport.set_protocol``) and hands it the
+bytes that followed the handshake.  So the framed hot path (``buffer_updated``)
+never tests for a handshake: a server without these options accepts straight into
+the framed protocol, exactly as before.  TLS is started by ``start_tls`` rather
+than by ``create_server(ssl=...)`` because asyncio reports a failed server-side
+handshake to nobody (only to a debug log), and a failed handshake must be logged
+with the peer and the reason and counted in ``errors`` (SPEC §7).  With a PROXY
+header the peer in every log line is the proxied client (the socket's peer for a
+``LOCAL`` header); a handshake that fails before the header is parsed is logged
+with the socket's peer.  A failed handshake is logged ``PEER closed: REASON`` at
+warning and counts one connection and one error; the connection is logged
+``connection from PEER`` only once every stage has passed.
 """
 
 from __future__ import annotations
@@ -44,10 +65,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 from .._net import format_address, set_nodelay
-from ..exceptions import ConnectionClosed, ProtocolError
+from ..auth import ServerHandshake, new_nonce
+from ..exceptions import ConnectionClosed, HandshakeError, ProtocolError, ProxyProtocolError
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, ServerStatistics, Statistics
-from .connection import MESSAGE_OVERHEAD, Connection, describe_os_error, read_buffer
+from ..proxy import ProxyHeaderParser, ProxyInfo
+from .connection import (
+    MESSAGE_OVERHEAD,
+    Connection,
+    describe_os_error,
+    describe_tls_error,
+    feed_buffered,
+    read_buffer,
+)
 
 __all__ = ["ConnectionHandler", "Handler", "Server", "serve"]
 
@@ -123,16 +153,20 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._setup(transport, transport.get_extra_info("peername"))
+        self._server._connection_made(self)
+
+    def _setup(self, transport: asyncio.BaseTransport, peer_address: Any) -> None:
+        """Take ``transport``; ``peer_address`` is the peer to log (a proxied client's, SPEC §7)."""
         # uvloop's transports are not asyncio.Transport subclasses, only look alike.
         self._transport = transport = cast(asyncio.Transport, transport)
-        self.peer = format_address(transport.get_extra_info("peername"))
+        self.peer = format_address(peer_address)
         self._tls = transport.get_extra_info("sslcontext") is not None
         sock = transport.get_extra_info("socket")
         if sock is not None:
             set_nodelay(sock)
         limits = self._server.limits
         transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
-        self._server._connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -328,6 +362,303 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
 
 
+_STAGE_NAMES = {
+    "proxy": "the PROXY header",
+    "tls": "the TLS handshake",
+    "auth": "the authentication handshake",
+}
+
+_TLS_BACKSTOP = 1.0
+"""Seconds added to asyncio's own TLS handshake timeout: our deadline timer fires
+first and names the stage; asyncio's is only a backstop."""
+
+
+def _timeout_reason(stage: str, parser: ProxyHeaderParser | None, timeout: float) -> str:
+    """The log reason of a handshake that ran out of time in ``stage``."""
+    if stage == "proxy" and parser is not None:
+        if parser.buffered == 0:
+            return f"handshake timeout: no PROXY header within {timeout:g} s"
+        return (
+            f"handshake timeout: the PROXY header was not complete within {timeout:g} s "
+            f"({parser.buffered} bytes received)"
+        )
+    return (
+        f"handshake timeout: {_STAGE_NAMES.get(stage, 'the handshake')} did not complete within {timeout:g} s"
+    )
+
+
+class _HandshakeProtocol(asyncio.BufferedProtocol):
+    """The stages before the frames (SPEC §7 order): PROXY header, TLS, authentication.
+
+    Not on the hot path: once every stage has passed, :meth:`_finish` puts the
+    server's framed protocol on the transport and this object is dropped.  At most
+    one stage is active (``_stage``); each is a small pump over a sans-I/O core
+    (:class:`~msgsock.proxy.ProxyHeaderParser`, :class:`~msgsock.auth.ServerHandshake`),
+    except TLS, which ``loop.start_tls`` runs in a task.
+    """
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server._loop
+        self._view = server._view
+        self._transport: asyncio.Transport | None = None  # the raw one, then the TLS one
+        self._actual: Any = None  # the socket's peer
+        self._address: Any = None  # the peer to report: the proxied client, once known
+        self.peer = "?"
+        self._parser = ProxyHeaderParser() if server._proxy_protocol else None
+        self._info: ProxyInfo | None = None
+        self._ssl = server._ssl  # None once TLS has been started (or when not asked for)
+        self._auth: ServerHandshake | None = None
+        self._stage = "start"
+        self._pending = bytearray()  # bytes after the last stage's end, for the next one
+        self._early = bytearray()  # TLS bytes read before start_tls took over the transport
+        self._tls_app = False  # start_tls has the transport: what reaches us is decrypted
+        self._peer_eof = False
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ended = False
+        self._lost = False
+
+    # -- asyncio callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport = cast(asyncio.Transport, transport)
+        self._actual = self._address = transport.get_extra_info("peername")
+        self.peer = format_address(self._actual)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            set_nodelay(sock)
+        if not self._server._handshake_started(self):
+            return
+        timeout = self._server.limits.handshake_timeout
+        if timeout is not None:
+            self._deadline = self._loop.time() + timeout
+            self._timer = self._loop.call_later(timeout, self._timed_out)
+        self._advance()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._stage == "proxy" and self._ssl is not None and self._parser is not None:
+            # TLS starts right after the header: never read past it (docs/proxy.md).
+            return self._view[: max(self._parser.max_read, 1)]
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        stage = self._stage
+        if stage == "proxy":
+            self._receive_proxy(self._view[:nbytes])
+        elif stage == "auth":
+            self._receive_auth(self._view[:nbytes])
+        elif stage == "tls":
+            if self._tls_app:
+                # The TLS handshake is done and its first application bytes arrived
+                # before our task resumed: keep them for the next stage.
+                self._pending += self._view[:nbytes]
+            else:
+                # Read before start_tls took the transport over (uvloop starts reading
+                # after connection_made even when it paused): the start of the
+                # ClientHello, handed to the TLS protocol in _start_tls.
+                self._early += self._view[:nbytes]
+
+    def eof_received(self) -> bool:
+        try:
+            if self._stage == "proxy":
+                assert self._parser is not None
+                self._parser.eof()
+            elif self._stage == "auth":
+                assert self._auth is not None
+                self._auth.receive_eof()
+            elif self._stage == "tls":
+                self._peer_eof = True  # after TLS data: the framed protocol gets it in order
+                return False
+        except (ProxyProtocolError, HandshakeError) as exc:
+            self._fail(str(exc), abort=False)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._ended:
+            why = describe_os_error(exc) if exc is not None else "connection closed by the peer"
+            self._fail(f"{why} during {_STAGE_NAMES.get(self._stage, 'the handshake')}")
+
+    # -- stages -------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Start the next stage, or hand over to the framed protocol when none is left."""
+        transport = self._transport
+        assert transport is not None
+        if self._parser is not None and self._info is None:
+            self._stage = "proxy"
+            return
+        if self._ssl is not None:
+            self._stage = "tls"
+            context, self._ssl = self._ssl, None
+            # The ClientHello is for start_tls, not for us.  (uvloop starts reading after
+            # connection_made even so: what it reads first is kept in _early.)
+            transport.pause_reading()
+            self._task = self._loop.create_task(self._start_tls(context))
+            return
+        key = self._server._auth_key
+        if key is not None and self._auth is None:
+            self._stage = "auth"
+            self._auth = ServerHandshake(key, new_nonce())
+            transport.write(self._auth.data_to_send())  # our hello at once: the hellos cross
+            if self._pending:
+                data = bytes(self._pending)
+                self._pending.clear()
+                self._receive_auth(data)
+            return
+        self._finish()
+
+    def _receive_proxy(self, data: bytes | memoryview) -> None:
+        parser = self._parser
+        assert parser is not None
+        try:
+            info = parser.feed(data)
+        except ProxyProtocolError as exc:
+            self._fail(str(exc))
+            return
+        if info is None:
+            return
+        self._info = info
+        # A LOCAL (health check) or UNKNOWN header names nobody: the socket's peer stays.
+        self._address = info.peer_address(self._actual)
+        self.peer = format_address(self._address)
+        self._pending += parser.remaining
+        self._advance()
+
+    def _receive_auth(self, data: bytes | memoryview) -> None:
+        handshake = self._auth
+        transport = self._transport
+        assert handshake is not None and transport is not None
+        try:
+            handshake.receive_data(data)
+        except HandshakeError as exc:
+            out = handshake.data_to_send()  # the rejection byte: the client can say why
+            if out:
+                transport.write(out)
+            self._fail(str(exc), abort=False)
+            return
+        out = handshake.data_to_send()
+        if out:
+            transport.write(out)
+        if handshake.done:
+            self._pending += handshake.remaining
+            self._finish()
+
+    async def _start_tls(self, context: ssl_module.SSLContext) -> None:
+        raw = self._transport
+        assert raw is not None
+        timeout = None
+        if self._deadline is not None:
+            timeout = max(self._deadline - self._loop.time(), 0.001) + _TLS_BACKSTOP
+        self._tls_app = True
+        if self._early:
+            # Runs after start_tls has put its protocol on the transport (synchronously,
+            # below) and before that protocol's connection_made and first read.
+            self._loop.call_soon(self._hand_early_bytes, raw, bytes(self._early))
+            self._early.clear()
+        try:
+            transport = await self._loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=self._server.limits.close_timeout or None,
+            )
+        except asyncio.CancelledError:
+            # Only _close() cancels this task (handshake timeout, shutdown), after reporting.
+            self._task = None
+            raw.abort()
+            return
+        except Exception as exc:
+            self._task = None
+            # start_tls closed the transport; close, not abort: a TLS alert may be queued.
+            self._fail(f"TLS handshake failed: {describe_tls_error(exc)}", abort=False)
+            return
+        self._task = None
+        if self._ended or transport is None:
+            if transport is not None:
+                transport.abort()
+            return
+        self._transport = transport
+        self._advance()
+
+    def _hand_early_bytes(self, raw: asyncio.Transport, data: bytes) -> None:
+        """Give the TLS protocol the bytes we read before it took over, in stream order."""
+        tls = raw.get_protocol()
+        # uvloop's TLS protocol is buffered without subclassing asyncio.BufferedProtocol.
+        if tls is not self and not self._ended and hasattr(tls, "get_buffer"):
+            feed_buffered(cast(asyncio.BufferedProtocol, tls), data)
+
+    def _finish(self) -> None:
+        """Every stage passed: put the framed protocol on the transport and hand it the rest."""
+        transport = self._transport
+        assert transport is not None
+        self._ended = True
+        self._stage = "done"
+        self._cancel_timer()
+        server = self._server
+        final = server._new_protocol()
+        transport.set_protocol(final)
+        final._setup(transport, self._address)
+        if isinstance(final, Connection):
+            final._proxy_info = self._info
+        if not server._handover(self, final):
+            return
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            feed_buffered(final, data)
+        if self._peer_eof and not final.eof_received():
+            transport.close()
+
+    # -- ending -------------------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        timeout = self._server.limits.handshake_timeout or 0.0
+        self._fail(_timeout_reason(self._stage, self._parser, timeout))
+
+    def _fail(self, reason: str, *, abort: bool = True) -> None:
+        """The handshake failed: log it once, count an error, close the connection."""
+        if self._ended:
+            return
+        self._ended = True
+        self._stage = "failed"
+        self._cancel_timer()
+        self._server._handshake_failed(self, reason)
+        self._close(abort)
+
+    def _abort_for_shutdown(self) -> None:
+        """The server is stopping: drop a connection that was never served."""
+        if self._ended:
+            return
+        self._ended = True
+        self._stage = "failed"
+        self._cancel_timer()
+        self._close(True)
+
+    def _close(self, abort: bool) -> None:
+        if self._task is not None:
+            self._task.cancel()  # its transport is aborted as the cancellation lands
+            return
+        transport = self._transport
+        if transport is not None and not self._lost:
+            if abort:
+                transport.abort()
+            else:  # after the rejection byte (auth) or at the peer's EOF: flush, then close
+                transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 _Conn: TypeAlias = "_HandlerProtocol | Connection"
 
 
@@ -351,6 +682,9 @@ class Server:
         frame: FrameFormat,
         limits: Limits,
         logger: logging.Logger,
+        ssl: ssl_module.SSLContext | None = None,
+        auth_key: bytes | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._handler: Handler = handler if handler is not None else _echo
@@ -358,9 +692,13 @@ class Server:
         self.frame = frame
         self.limits = limits
         self.logger = logger
+        self._ssl = ssl
+        self._auth_key = auth_key
+        self._proxy_protocol = proxy_protocol
         self._view = read_buffer()
         self._server: asyncio.Server | None = None
         self._connections: set[_Conn] = set()
+        self._handshaking: set[_HandshakeProtocol] = set()  # connections still in their stages
         self._tasks: set[asyncio.Task[None]] = set()
         self._totals = Statistics()  # counters of connections that have ended
         self._accepted = 0
@@ -376,18 +714,28 @@ class Server:
         interval = min(timeouts) / 4 if timeouts else _MAX_SWEEP_INTERVAL
         self._sweep_interval = max(_MIN_SWEEP_INTERVAL, min(_MAX_SWEEP_INTERVAL, interval))
 
+    def _new_protocol(self) -> _HandlerProtocol | Connection:
+        """The framed protocol of one connection."""
+        if self._connection_handler is None:
+            return _HandlerProtocol(self)
+        return Connection(self.frame, self.limits, server=self)
+
     async def _start(
         self,
         host: str | None,
         port: int,
         *,
-        ssl: ssl_module.SSLContext | None,
         reuse_port: bool,
         backlog: int,
         sock: socket.socket | None,
     ) -> None:
         factory: Callable[[], asyncio.BaseProtocol]
-        if self._connection_handler is None:
+        if self._ssl is not None or self._auth_key is not None or self._proxy_protocol:
+            # Stages first; the framed protocol takes over after them (module notes).
+            def factory() -> asyncio.BaseProtocol:
+                return _HandshakeProtocol(self)
+
+        elif self._connection_handler is None:
 
             def factory() -> asyncio.BaseProtocol:
                 return _HandlerProtocol(self)
@@ -400,10 +748,6 @@ class Server:
         kwargs: dict[str, Any] = {"backlog": backlog}
         if reuse_port:
             kwargs["reuse_port"] = True
-        if ssl is not None:
-            kwargs["ssl"] = ssl
-            if self.limits.handshake_timeout is not None:
-                kwargs["ssl_handshake_timeout"] = self.limits.handshake_timeout
         if sock is not None:
             self._server = await self._loop.create_server(factory, sock=sock, **kwargs)
         else:
@@ -436,7 +780,7 @@ class Server:
         """
         stats = ServerStatistics(
             connections=self._accepted,
-            active=len(self._connections),
+            active=len(self._connections) + len(self._handshaking),
             rejected=self._rejected,
             errors=self._errors,
         )
@@ -480,10 +824,14 @@ class Server:
         self._deadline = self._loop.time() + self.limits.shutdown_timeout
         if self._server is not None:
             self._server.close()
+        for pending in list(self._handshaking):
+            # Never served: nothing to drain.  Not an error of the peer's.
+            self.logger.info("%s closed during the handshake: server shutting down", pending.peer)
+            pending._abort_for_shutdown()
+        self._handshaking.clear()
         for conn in list(self._connections):
             conn._begin_shutdown()
-        if not self._connections:
-            self._all_closed.set()
+        self._check_all_closed()
         self._stopped.set()
 
     async def wait_closed(self) -> None:
@@ -536,12 +884,59 @@ class Server:
             transport.close()
             return
         self._accepted += 1
+        self._register(conn)
+
+    def _register(self, conn: _Conn) -> None:
         self._connections.add(conn)
         self.logger.info("connection from %s", conn.peer)
         if isinstance(conn, Connection):
             task = self._loop.create_task(self._run_connection(conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _handshake_started(self, pending: _HandshakeProtocol) -> bool:
+        """A connection with stages was accepted: admit it (limits as for any connection)."""
+        transport = pending._transport
+        assert transport is not None
+        if self._closing:
+            pending._ended = True
+            transport.abort()
+            return False
+        limit = self.limits.max_connections
+        active = len(self._connections) + len(self._handshaking)
+        if active >= limit:
+            self._rejected += 1
+            self.logger.warning("%s rejected: %d connections open (limit %d)", pending.peer, active, limit)
+            pending._ended = True
+            transport.close()
+            return False
+        self._accepted += 1
+        self._handshaking.add(pending)
+        return True
+
+    def _handover(self, pending: _HandshakeProtocol, conn: _Conn) -> bool:
+        """Every stage passed: ``conn`` (already on the transport) is now a served connection."""
+        self._handshaking.discard(pending)
+        if self._closing:
+            conn._draining = True
+            if conn._transport is not None:
+                conn._transport.abort()
+            self._check_all_closed()
+            return False
+        self._register(conn)
+        return True
+
+    def _handshake_failed(self, pending: _HandshakeProtocol, reason: str) -> None:
+        if pending not in self._handshaking:
+            return  # rejected, or already aborted by close()
+        self._handshaking.discard(pending)
+        self._errors += 1
+        self.logger.warning("%s closed: %s", pending.peer, reason)
+        self._check_all_closed()
+
+    def _check_all_closed(self) -> None:
+        if self._closing and not self._connections and not self._handshaking:
+            self._all_closed.set()
 
     def _connection_lost(self, conn: _Conn) -> None:
         if conn not in self._connections:
@@ -556,8 +951,7 @@ class Server:
                 stats.messages_received,
                 stats.messages_sent,
             )
-        if self._closing and not self._connections:
-            self._all_closed.set()
+        self._check_all_closed()
 
     def _connection_failed(self, conn: _Conn, reason: str) -> None:
         if conn not in self._connections:
@@ -620,6 +1014,8 @@ async def serve(
     frame: FrameFormat = DEFAULT_FORMAT,
     limits: Limits = DEFAULT_LIMITS,
     ssl: ssl_module.SSLContext | None = None,
+    auth_key: bytes | None = None,
+    proxy_protocol: bool = False,
     reuse_port: bool = False,
     backlog: int = 1024,
     sock: socket.socket | None = None,
@@ -639,27 +1035,50 @@ async def serve(
         connection_handler: the per-connection handler.
         frame: the frame format of every connection.
         limits: limits in force (SPEC §7).
-        ssl: a server TLS context, to serve TLS.
+        ssl: a server TLS context, to serve TLS.  For mutual TLS give it the client
+            CA (``load_verify_locations``) and ``verify_mode = ssl.CERT_REQUIRED``.
+        auth_key: a shared key (at least 16 bytes; ``msgsock.auth.parse_key_file``
+            reads a key file): every client must pass the authentication handshake
+            (SPEC §4.2) before any frame.  A client that fails is sent the rejection
+            byte, closed and logged ``PEER closed: authentication failed: ...``.
+        proxy_protocol: every connection must begin with a PROXY protocol v1 or v2
+            header (HAProxy's ``send-proxy``/``send-proxy-v2``); the peer logged and
+            given to handlers is the client it names.  A connection without a valid
+            header is closed and logged with the socket's peer and the reason.
         reuse_port: set SO_REUSEPORT (several processes on one port).
         backlog: the listen backlog.
         sock: an already bound socket to serve on instead of ``host``/``port``.
         logger: where to log (default ``logging.getLogger("msgsock.server")``).
 
+    Per connection, the stages run in this order, all within one
+    ``limits.handshake_timeout`` (SPEC §7): PROXY header (``proxy_protocol``), TLS
+    (``ssl``), authentication (``auth_key``), then frames.  A failed stage is logged
+    ``PEER closed: REASON`` at warning (no traceback) and counted in the statistics'
+    ``errors``; the others go on being served.
+
     Returns:
         The running :class:`Server`.
 
     Raises:
-        ValueError: both ``handler`` and ``connection_handler`` were given.
+        ValueError: both ``handler`` and ``connection_handler`` were given, or
+            ``auth_key`` is shorter than 16 bytes.
+        TypeError: ``auth_key`` is not bytes.
         OSError: the address cannot be bound (e.g. in use).
     """
     if handler is not None and connection_handler is not None:
         raise ValueError("give either handler or connection_handler, not both")
+    if auth_key is not None:
+        ServerHandshake(auth_key, new_nonce())  # a bad key fails here, not per connection
+        auth_key = bytes(auth_key)
     server = Server(
         handler,
         connection_handler,
         frame=frame,
         limits=limits,
         logger=logger if logger is not None else logging.getLogger(DEFAULT_LOGGER),
+        ssl=ssl,
+        auth_key=auth_key,
+        proxy_protocol=proxy_protocol,
     )
-    await server._start(host, port, ssl=ssl, reuse_port=reuse_port, backlog=backlog, sock=sock)
+    await server._start(host, port, reuse_port=reuse_port, backlog=backlog, sock=sock)
     return server

@@ -10,6 +10,11 @@ call (``CSocket::CancelBlockingCall``): :meth:`Connection.cancel`, or a
 model (KB Q192570).  :class:`SocketFile` is ``CSocketFile``: a file over a stream
 socket for :class:`~msgsock.archive.ArchiveReader` / :class:`~msgsock.archive.ArchiveWriter`,
 the CSocket + CSocketFile + CArchive sequence of operations (seed 001).
+
+Security options (SPEC §4.2, §7): ``ThreadedServer(ssl=..., auth_key=...,
+proxy_protocol=True)`` and ``connect(ssl=..., auth_key=...)``.  A server runs the
+stages PROXY header, TLS, authentication on the connection's own thread, in that
+order within one ``limits.handshake_timeout``, before the framed loop.
 """
 
 from __future__ import annotations

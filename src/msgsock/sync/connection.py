@@ -45,6 +45,11 @@ Theory of operation.  A :class:`Connection` is a pump over the sans-I/O
   connect (or TLS handshake) in progress; the token stays attached to the new
   connection, so the same ``token.cancel()`` later cancels its blocking calls.
 
+**Authentication** (SPEC §4.2, ``connect(auth_key=...)``): after the TCP connect and
+the TLS handshake, and within the same ``connect_timeout``, :func:`connect` pumps the
+sans-I/O :class:`~msgsock.auth.ClientHandshake` on the socket, then builds the
+:class:`Connection` and hands it the bytes that followed the handshake.
+
 ``OSError`` is translated once, here (STYLE §4): a reset becomes
 ``ConnectionClosed(clean=False)``, a receive timeout :class:`~msgsock.exceptions.Timeout`,
 any failure after :meth:`Connection.cancel` :class:`~msgsock.exceptions.Cancelled`.
@@ -66,19 +71,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .._net import format_address, set_nodelay
+from ..auth import ClientHandshake, new_nonce
 from ..exceptions import (
     Cancelled,
     ConcurrencyError,
     ConnectionClosed,
+    HandshakeError,
     InvalidState,
     ProtocolError,
     Timeout,
 )
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
+
+if TYPE_CHECKING:
+    from ..proxy import ProxyInfo
 
 __all__ = ["CancelToken", "Connection", "connect"]
 
@@ -216,6 +226,7 @@ class Connection:
         self._messages: deque[Any] = deque()
         self._peer_address: Any = _address(sock.getpeername)
         self._local_address: Any = _address(sock.getsockname)
+        self._proxy_info: ProxyInfo | None = None  # set by a server with proxy_protocol
         self._tls = isinstance(sock, _ssl.SSLSocket)
         self._use_sendmsg = hasattr(sock, "sendmsg") and not self._tls
         # CPython retries a blocking TLS read that hits SO_RCVTIMEO, so TLS waits in select().
@@ -253,8 +264,18 @@ class Connection:
 
     @property
     def peer_address(self) -> Any:
-        """The peer's socket address (host, port[, flowinfo, scope_id])."""
+        """The peer's address (host, port[, flowinfo, scope_id]).
+
+        On a server with ``proxy_protocol``, the client the PROXY header named (the
+        socket's own peer, the proxy, for a ``LOCAL`` or ``UNKNOWN`` header); see
+        :attr:`proxy_info`.
+        """
         return self._peer_address
+
+    @property
+    def proxy_info(self) -> ProxyInfo | None:
+        """The PROXY header this connection began with (server with ``proxy_protocol``), else None."""
+        return self._proxy_info
 
     @property
     def local_address(self) -> Any:
@@ -556,6 +577,23 @@ class Connection:
             self._discarded += len(messages)
             return []
         return messages
+
+    def _receive_initial(self, data: bytes) -> None:
+        """Take bytes that arrived with a handshake's last read: the start of the frames.
+
+        Raises:
+            ProtocolError: they break the frame format (the connection is then closed).
+        """
+        if not data:
+            return
+        protocol = self._protocol
+        try:
+            messages = protocol.receive_data(data)
+        except ProtocolError as exc:
+            self._protocol_failed(exc)
+        if self._enforce_limits and protocol.in_frame:
+            self._frame_start = time.monotonic()
+        self._messages.extend(messages)
 
     def _protocol_failed(self, exc: ProtocolError) -> NoReturn:
         # A bad frame is terminal (STYLE §4): the stream position is lost.
@@ -967,6 +1005,94 @@ def _connect_cancellable(
         raise
 
 
+_HANDSHAKE_READ = 4096
+"""Bytes one read of the authentication handshake may take (a hello is 45 bytes)."""
+
+
+def _time_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (None: no deadline).
+
+    Raises:
+        TimeoutError: it has passed.
+    """
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(errno.ETIMEDOUT, "timed out")
+    return left
+
+
+def _authenticate(
+    sock: socket.socket,
+    key: bytes,
+    address: Any,
+    deadline: float | None,
+    waiter: _CancellableWait | None,
+) -> bytes:
+    """Run the client side of the authentication handshake (SPEC §4.2) on a connected socket.
+
+    The socket is blocking with timeouts (``waiter`` None: each call gets the time
+    left until ``deadline``) or non-blocking (each wait goes through ``waiter``).
+
+    Returns:
+        The bytes that followed the handshake: the start of the frames.
+
+    Raises:
+        HandshakeError: the server refused our key, failed to prove its own, or does
+            not speak the handshake (a reset during it is reported this way too,
+            with the ``OSError`` as ``__cause__``).
+        TimeoutError, Cancelled: from the waits.
+        ssl.SSLError: a TLS failure (e.g. TLS 1.3: the server refused our certificate).
+        OSError: another network error.
+    """
+    handshake = ClientHandshake(key, new_nonce())
+
+    def send(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if waiter is None:
+                sock.settimeout(_time_left(deadline))
+                sock.sendall(view)
+                return
+            try:
+                view = view[sock.send(view) :]
+            except (BlockingIOError, _ssl.SSLWantWriteError):
+                waiter.wait(sock, address, write=True)
+            except _ssl.SSLWantReadError:
+                waiter.wait(sock, address, write=False)
+
+    def receive() -> bytes:
+        while True:
+            if waiter is None:
+                sock.settimeout(_time_left(deadline))
+                return sock.recv(_HANDSHAKE_READ)
+            try:
+                return sock.recv(_HANDSHAKE_READ)
+            except (BlockingIOError, _ssl.SSLWantReadError):
+                waiter.wait(sock, address, write=False)
+
+    try:
+        send(handshake.data_to_send())  # our hello at once: the hellos cross
+        while not handshake.done:
+            data = receive()
+            if not data:
+                handshake.receive_eof()
+            handshake.receive_data(data)
+            out = handshake.data_to_send()
+            if out:
+                send(out)
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
+        # The server hung up on us (a server without a key refuses our hello at once):
+        # say what the handshake was waiting for.
+        try:
+            handshake.receive_eof()
+        except HandshakeError as error:
+            raise error from exc
+        raise
+    return handshake.remaining
+
+
 def connect(
     host: str = "127.0.0.1",
     port: int = 9898,
@@ -977,25 +1103,38 @@ def connect(
     ssl: _ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     cancel: CancelToken | None = None,
+    auth_key: bytes | None = None,
 ) -> Connection:
     """Connect to a message server and return the :class:`Connection`.
 
     ``host`` may be a name, a dotted IPv4 address or an IPv6 address; every address it
-    resolves to is tried in order (SPEC §5.2, seed 001 note 4).
+    resolves to is tried in order (SPEC §5.2, seed 001 note 4).  With ``ssl`` the TLS
+    handshake, then with ``auth_key`` the authentication handshake (SPEC §4.2), run
+    before this returns.
+
+    TLS failures are raised as the :mod:`ssl` module reports them (e.g.
+    :class:`ssl.SSLCertVerificationError`, whose ``verify_message`` says why the
+    server's certificate was refused), not wrapped.  With TLS 1.3 a server that
+    refuses *our* certificate says so only after the handshake: without
+    ``auth_key`` that shows on the first :meth:`~Connection.receive` as
+    :class:`~msgsock.exceptions.ConnectionClosed` with the TLS reason; with
+    ``auth_key`` it is raised here as the :class:`ssl.SSLError`.
 
     Args:
         host: where to connect.
         port: TCP port.
         frame: the frame format both peers use.
         limits: limits for the connection.
-        connect_timeout: seconds allowed for each address (TCP connect plus TLS
-            handshake); None waits for ever.
+        connect_timeout: seconds allowed for each address (TCP connect, TLS
+            handshake and authentication handshake); None waits for ever.
         ssl: a client ``SSLContext`` to speak TLS.
         server_hostname: name to check the server certificate against; default ``host``.
         cancel: a :class:`CancelToken`: another thread's ``cancel.cancel()`` aborts
             the connect or TLS handshake in progress (name resolution itself is not
             interruptible; the token is checked before and after it), and the token
             stays attached to the returned connection (see :meth:`Connection.cancel`).
+        auth_key: the shared key (at least 16 bytes) of a server that requires
+            authentication (``msgsock.auth.parse_key_file`` reads a key file).
 
     Returns:
         The connected :class:`Connection` (``TCP_NODELAY`` on).
@@ -1006,33 +1145,58 @@ def connect(
         Timeout: the last address tried timed out.
         Cancelled: ``cancel`` was cancelled before the connection was made (no other
             address is tried).
-        ssl.SSLError: the TLS handshake failed (not retried on other addresses).
+        ssl.SSLError: the TLS handshake failed (not retried on other addresses;
+            ``ssl.SSLCertVerificationError`` when the server's certificate is not
+            trusted or has expired).
+        HandshakeError: the authentication failed (not retried): "authentication
+            failed: the server rejected our key", "...the peer does not know the key
+            (bad server proof)", or a server that does not speak the handshake ("bad
+            handshake magic ...", "connection closed by the peer before its
+            authentication hello ...").
+        ProtocolError: frames that arrived with the end of the handshake are malformed.
+        ValueError: ``auth_key`` is shorter than 16 bytes.
         OSError: any other failure of the last address tried.
     """
     if cancel is not None and cancel.cancelled:
         raise Cancelled(f"connecting to {format_address((host, port))} was cancelled")
+    if auth_key is not None:
+        ClientHandshake(auth_key, new_nonce())  # a bad key fails here, before any I/O
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     hostname = server_hostname if server_hostname is not None else host
     error: OSError | None = None
     for family, type_, proto, _canonname, address in infos:
         sock = socket.socket(family, type_, proto)
+        deadline = None if connect_timeout is None else time.monotonic() + connect_timeout
+        authenticating = False
+        rest = b""
         try:
             if cancel is None:
                 sock.settimeout(connect_timeout)
                 sock.connect(address)
                 if ssl is not None:
                     sock = ssl.wrap_socket(sock, server_hostname=hostname)
+                if auth_key is not None:
+                    authenticating = True
+                    rest = _authenticate(sock, auth_key, address, deadline, None)
             else:
                 waiter = _CancellableWait(cancel, connect_timeout)
                 try:
                     sock = _connect_cancellable(sock, address, waiter, ssl, hostname)
+                    if auth_key is not None:
+                        authenticating = True
+                        rest = _authenticate(sock, auth_key, address, None, waiter)
                 finally:
                     waiter.close()
         except TimeoutError:
             sock.close()
+            if authenticating:  # the server is there but does not finish: not another address's job
+                raise Timeout(
+                    f"authentication with {format_address(address)} did not complete "
+                    f"within {connect_timeout:g} s"
+                ) from None
             error = Timeout(f"connecting to {format_address(address)} timed out after {connect_timeout:g} s")
             continue
-        except (_ssl.SSLError, Cancelled):
+        except (_ssl.SSLError, Cancelled, HandshakeError):
             sock.close()
             raise
         except OSError as exc:
@@ -1040,6 +1204,7 @@ def connect(
             error = exc
             continue
         conn = Connection(sock, frame=frame, limits=limits, cancel=cancel)
+        conn._receive_initial(rest)
         if conn.cancelled:  # cancelled before we return: the caller never gets a dead connection
             conn.abort()
             raise Cancelled(f"connecting to {format_address(address)} was cancelled")

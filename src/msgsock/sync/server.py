@@ -21,6 +21,19 @@ our EOF).  Whatever is still open at the deadline is reset.
 Every connection's end is logged once: ``info`` for a clean close, ``warning`` with
 the reason (and no traceback) for a peer's fault or a timeout, ``error`` with the
 traceback when the handler raised.  One connection's failure never touches another.
+
+Handshake stages (SPEC §4.2, §7; ``docs/handshake.md``).  With ``proxy_protocol``,
+``ssl`` or ``auth_key``, the connection's own thread runs them before the framed
+loop, in this order and within **one** ``limits.handshake_timeout`` deadline (the
+socket's timeout is set to the time left before each call): the PROXY header
+(:class:`~msgsock.proxy.ProxyHeaderParser`; when TLS follows, each ``recv`` asks for
+``parser.max_read`` bytes so the ClientHello stays in the socket), TLS
+(``context.wrap_socket(server_side=True)``), and the authentication handshake
+(:class:`~msgsock.auth.ServerHandshake`).  Bytes that followed the last stage go to
+the :class:`Connection` before its first read.  A failed stage is logged ``PEER
+closed: REASON`` at warning (the socket's peer until a PROXY header named the
+client) and counted as a connection and an error; ``connection from PEER`` is
+logged only once every stage has passed, with the proxied client as ``PEER``.
 """
 
 from __future__ import annotations
@@ -29,8 +42,10 @@ import dataclasses
 import errno
 import logging
 import os
+import re
 import selectors
 import socket
+import ssl as _ssl
 import threading
 import time
 from collections.abc import Callable
@@ -38,9 +53,11 @@ from types import TracebackType
 from typing import Any
 
 from .._net import format_address
-from ..exceptions import ConnectionClosed, InvalidState, ProtocolError
+from ..auth import ServerHandshake, new_nonce
+from ..exceptions import ConnectionClosed, HandshakeError, InvalidState, ProtocolError, ProxyProtocolError
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, ServerStatistics
+from ..proxy import ProxyHeaderParser, ProxyInfo
 from .connection import _LINGER_ABORT, Connection
 
 __all__ = ["ThreadedServer"]
@@ -55,6 +72,75 @@ _ABORT_GRACE = 1.0
 """Seconds a reset connection's thread gets to finish after the shutdown deadline."""
 
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_STAGE_READ = 64 * 1024
+"""Bytes one read of a handshake stage may take when nothing has to stay in the socket."""
+
+_STAGE_NAMES = {
+    "proxy": "the PROXY header",
+    "tls": "the TLS handshake",
+    "auth": "the authentication handshake",
+}
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _describe_tls_error(exc: OSError) -> str:
+    """OpenSSL's words for a failed TLS handshake, without the ``(_ssl.c:NNN)`` source position."""
+    if isinstance(exc, _ssl.SSLError):
+        text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
+        return _SSL_SOURCE.sub("", text) or type(exc).__name__
+    return _describe_os_error(exc)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError):
+        return "connection reset by peer"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe: the peer is gone"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _timeout_reason(stage: str, parser: ProxyHeaderParser | None, timeout: float) -> str:
+    """The log reason of a handshake that ran out of time in ``stage``."""
+    if stage == "proxy" and parser is not None:
+        if parser.buffered == 0:
+            return f"handshake timeout: no PROXY header within {timeout:g} s"
+        return (
+            f"handshake timeout: the PROXY header was not complete within {timeout:g} s "
+            f"({parser.buffered} bytes received)"
+        )
+    return f"handshake timeout: {_STAGE_NAMES[stage]} did not complete within {timeout:g} s"
+
+
+class _StageFailed(Exception):
+    """A handshake stage failed: ``peer`` and ``reason`` are for the log line."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(reason)
+        self.peer = peer
+        self.reason = reason
+
+
+class _Pending:
+    """A connection still in its handshake stages, as the shutdown sees it."""
+
+    __slots__ = ("address", "lock", "sock", "woken")
+
+    def __init__(self, sock: socket.socket, address: Any) -> None:
+        self.sock = sock  # the raw socket, then the TLS one
+        self.address = address
+        self.lock = threading.Lock()
+        self.woken = False
+
+    def wake(self) -> None:
+        """Shutdown: end the stage's blocking call (a shutdown wakes it; a close would not)."""
+        with self.lock:
+            self.woken = True
+            try:
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _bind(host: str, port: int, family: int, backlog: int, reuse_port: bool) -> socket.socket:
@@ -110,10 +196,27 @@ class ThreadedServer:
         reuse_port: set ``SO_REUSEPORT`` (several processes on one port).
         family: ``socket.AF_INET`` or ``AF_INET6`` to restrict name resolution.
         logger: where connection events go; default ``logging.getLogger("msgsock.server")``.
+        ssl: a server TLS context, to serve TLS.  For mutual TLS give it the client
+            CA (``load_verify_locations``) and ``verify_mode = ssl.CERT_REQUIRED``.
+        auth_key: a shared key (at least 16 bytes; ``msgsock.auth.parse_key_file``
+            reads a key file): every client must pass the authentication handshake
+            (SPEC §4.2) before any frame.  A client that fails is sent the rejection
+            byte, closed and logged ``PEER closed: authentication failed: ...``.
+        proxy_protocol: every connection must begin with a PROXY protocol v1 or v2
+            header; the peer logged and given to handlers is the client it names.  A
+            connection without a valid header is closed and logged with the socket's
+            peer and the reason.
+
+    Per connection, the stages run on its thread in this order, all within one
+    ``limits.handshake_timeout`` (SPEC §7): PROXY header, TLS, authentication, then
+    frames.  A failed stage is logged at warning (no traceback) and counted in the
+    statistics' ``errors``.
 
     Raises:
-        ValueError: not exactly one of ``handler`` and ``connection_handler``, or
-            ``reuse_port`` where it is unavailable.
+        ValueError: not exactly one of ``handler`` and ``connection_handler``,
+            ``reuse_port`` where it is unavailable, or an ``auth_key`` shorter than
+            16 bytes.
+        TypeError: ``auth_key`` is not bytes.
         OSError: the address cannot be resolved or bound.
     """
 
@@ -130,13 +233,23 @@ class ThreadedServer:
         reuse_port: bool = False,
         family: int = socket.AF_UNSPEC,
         logger: logging.Logger | None = None,
+        ssl: _ssl.SSLContext | None = None,
+        auth_key: bytes | None = None,
+        proxy_protocol: bool = False,
     ) -> None:
         if (handler is None) == (connection_handler is None):
             raise ValueError("give exactly one of handler and connection_handler")
+        if auth_key is not None:
+            ServerHandshake(auth_key, new_nonce())  # a bad key fails here, not per connection
+            auth_key = bytes(auth_key)
         self._handler = handler
         self._connection_handler = connection_handler
         self.frame = frame
         self.limits = limits
+        self._ssl = ssl
+        self._auth_key = auth_key
+        self._proxy_protocol = proxy_protocol
+        self._staged = ssl is not None or auth_key is not None or proxy_protocol
         self._log = logger if logger is not None else logging.getLogger("msgsock.server")
         self._cap = min(limits.max_connections, limits.max_threads)
         self._listener = _bind(host, port, family, backlog, reuse_port)
@@ -146,6 +259,7 @@ class ThreadedServer:
         self._lock = threading.Lock()  # guards everything below
         self._stats = ServerStatistics()  # ended connections' counters + accept counters
         self._connections: dict[Connection, threading.Thread] = {}
+        self._handshaking: dict[_Pending, threading.Thread] = {}
         self._accept_thread: threading.Thread | None = None
         self._started = False
         self._stop = threading.Event()
@@ -216,6 +330,9 @@ class ThreadedServer:
             first = not self._stop.is_set()
             self._stop.set()
             conns = list(self._connections.items())
+            pending = list(self._handshaking.items())
+        for slot, _ in pending:
+            slot.wake()  # never served: nothing to drain
         if not first:
             self._done.wait()
             return
@@ -233,7 +350,7 @@ class ThreadedServer:
             self._listener.close()
             for conn, _ in conns:
                 conn._request_stop()
-            for _, thread in conns:
+            for _, thread in conns + pending:
                 if thread is not me:
                     thread.join(max(deadline - time.monotonic(), 0.0))
             with self._lock:
@@ -303,6 +420,9 @@ class ThreadedServer:
                 self._log.warning("%s rejected: %d connections open (limit %d)", peer, active, self._cap)
             self._reset(sock)
             return
+        if self._staged:
+            self._admit_staged(sock, address, peer)
+            return
         try:
             conn = Connection(sock, frame=self.frame, limits=self.limits)
         except OSError as exc:  # reset before we got to it
@@ -329,6 +449,30 @@ class ThreadedServer:
                 self._stats.rejected += 1
             self._log.warning("%s rejected: %s", peer, exc)
             conn.abort()
+
+    def _admit_staged(self, sock: socket.socket, address: Any, peer: str) -> None:
+        """Start the thread of a connection that has handshake stages to pass first."""
+        slot = _Pending(sock, address)
+        thread = threading.Thread(
+            target=self._serve_staged, args=(slot,), name=f"msgsock-{peer}", daemon=True
+        )
+        with self._lock:
+            if self._stop.is_set():
+                self._reset(sock)
+                return
+            self._stats.connections += 1
+            self._stats.active += 1
+            self._handshaking[slot] = thread
+        try:
+            thread.start()
+        except RuntimeError as exc:  # can't start new thread
+            with self._lock:
+                del self._handshaking[slot]
+                self._stats.connections -= 1
+                self._stats.active -= 1
+                self._stats.rejected += 1
+            self._log.warning("%s rejected: %s", peer, exc)
+            self._reset(sock)
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -398,6 +542,153 @@ class ThreadedServer:
                 )
             elif not logged:
                 log.warning("%s closed: %s", peer, failure)
+
+    def _serve_staged(self, slot: _Pending) -> None:
+        """A connection's thread: the handshake stages, then :meth:`_serve`."""
+        peer = format_address(slot.address)
+        try:
+            conn, peer = self._handshake(slot)
+        except _StageFailed as exc:
+            with self._lock:
+                self._handshaking.pop(slot, None)
+                self._stats.active -= 1
+                if not slot.woken:
+                    self._stats.errors += 1
+            if slot.woken:  # the server is stopping: not the peer's fault
+                self._log.info("%s closed during the handshake: server shutting down", exc.peer)
+            else:
+                self._log.warning("%s closed: %s", exc.peer, exc.reason)
+            return
+        except BaseException as exc:  # never let a connection thread die silently
+            with self._lock:
+                self._handshaking.pop(slot, None)
+                self._stats.active -= 1
+                self._stats.errors += 1
+            self._log.error("%s closed: internal error: %r", peer, exc, exc_info=exc)
+            self._reset(slot.sock)
+            return
+        with self._lock:
+            self._handshaking.pop(slot, None)
+            stopping = self._stop.is_set()
+            if stopping:  # shutdown() took its snapshot during the handshake
+                self._stats.active -= 1
+            else:
+                self._connections[conn] = threading.current_thread()
+        if stopping:
+            conn.abort()
+            self._log.info("%s closed during the handshake: server shutting down", peer)
+            return
+        self._serve(conn, peer)
+
+    def _handshake(self, slot: _Pending) -> tuple[Connection, str]:
+        """Run the stages on ``slot.sock`` (SPEC §7 order); return the connection and its peer.
+
+        Raises:
+            _StageFailed: a stage failed (the socket is closed; the reason is for the log).
+        """
+        sock = slot.sock
+        address: Any = slot.address
+        peer = format_address(address)
+        timeout = self.limits.handshake_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stage = "proxy"
+        info: ProxyInfo | None = None
+        parser: ProxyHeaderParser | None = None
+        rest = b""
+        try:
+            if self._proxy_protocol:
+                parser = ProxyHeaderParser()
+                while info is None:
+                    # TLS starts right after the header: never read past it (docs/proxy.md).
+                    size = parser.max_read if self._ssl is not None else _STAGE_READ
+                    data = self._recv_stage(sock, size, deadline)
+                    if not data:
+                        parser.eof()
+                    info = parser.feed(data)
+                address = info.peer_address(address)  # LOCAL/UNKNOWN: the socket's peer
+                peer = format_address(address)
+                rest = parser.remaining
+            if self._ssl is not None:
+                stage = "tls"
+                tls = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                with slot.lock:  # wrap_socket detached ``sock``: wake the new one
+                    slot.sock = sock = tls
+                    woken = slot.woken
+                if woken:
+                    raise OSError(errno.ESHUTDOWN, "server shutting down")
+                sock.settimeout(self._time_left(deadline))
+                tls.do_handshake()
+            if self._auth_key is not None:
+                stage = "auth"
+                handshake = ServerHandshake(self._auth_key, new_nonce())
+                try:
+                    self._send_stage(sock, handshake.data_to_send(), deadline)  # our hello at once
+                    data = rest
+                    while True:
+                        if data:
+                            handshake.receive_data(data)
+                            out = handshake.data_to_send()
+                            if out:
+                                self._send_stage(sock, out, deadline)
+                            if handshake.done:
+                                break
+                        data = self._recv_stage(sock, _STAGE_READ, deadline)
+                        if not data:
+                            handshake.receive_eof()
+                except HandshakeError:
+                    out = handshake.data_to_send()  # the rejection byte: the client can say why
+                    if out:
+                        try:
+                            self._send_stage(sock, out, deadline)
+                        except OSError:
+                            pass
+                    raise
+                rest = handshake.remaining
+        except (ProxyProtocolError, HandshakeError) as exc:
+            sock.close()
+            raise _StageFailed(peer, str(exc)) from None
+        except TimeoutError:
+            self._reset(sock)
+            raise _StageFailed(peer, _timeout_reason(stage, parser, timeout or 0.0)) from None
+        except OSError as exc:
+            if stage == "tls":
+                sock.close()  # not a reset: the TLS alert that says why must reach the client
+                raise _StageFailed(peer, f"TLS handshake failed: {_describe_tls_error(exc)}") from None
+            self._reset(sock)
+            raise _StageFailed(peer, f"{_describe_os_error(exc)} during {_STAGE_NAMES[stage]}") from None
+        except BaseException:
+            self._reset(sock)
+            raise
+        try:
+            conn = Connection(sock, frame=self.frame, limits=self.limits)
+        except OSError as exc:  # reset just now
+            sock.close()
+            raise _StageFailed(peer, _describe_os_error(exc)) from None
+        conn._peer_address = address
+        conn._proxy_info = info
+        conn._enforce_limits = True
+        try:
+            conn._receive_initial(rest)
+        except ProtocolError as exc:  # the socket is closed already
+            raise _StageFailed(peer, str(exc)) from None
+        return conn, peer
+
+    @staticmethod
+    def _time_left(deadline: float | None) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "handshake timeout")
+        return left
+
+    def _recv_stage(self, sock: socket.socket, size: int, deadline: float | None) -> bytes:
+        sock.settimeout(self._time_left(deadline))
+        return sock.recv(size)
+
+    def _send_stage(self, sock: socket.socket, data: bytes, deadline: float | None) -> None:
+        sock.settimeout(self._time_left(deadline))
+        sock.sendall(data)
 
     @staticmethod
     def _pump(conn: Connection, handler: Handler) -> None:
