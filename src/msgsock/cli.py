@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -180,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="graceful shutdown deadline (default 5)",
     )
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
+    serve.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by these CAs (mutual TLS)"
+    )
+    serve.add_argument(
+        "--auth-key-file", metavar="FILE", help="require the shared-key handshake (docs/handshake.md)"
+    )
+    serve.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="require a PROXY protocol v1/v2 header (behind HAProxy); log the real client address",
+    )
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     serve.add_argument("--json", action="store_true", help="log JSON lines")
 
@@ -241,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="TCP connect deadline (default 10)",
     )
+    add_client_security_options(client)
     ui = client.add_mutually_exclusive_group()
     ui.add_argument(
         "--tui", action="store_true", help="force the interactive client (the default on a terminal)"
@@ -261,6 +276,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="start a server and a client on loopback and show them talking")
     return parser
+
+
+# -- security options (shared by client and stress) ------------------------------------------
+
+
+def add_client_security_options(p: argparse.ArgumentParser) -> None:
+    """Add the client's TLS and authentication options (SPEC §4.2, §7) to ``p``."""
+    p.add_argument("--tls", action="store_true", help="connect with TLS (verifying the server)")
+    p.add_argument(
+        "--tls-ca", metavar="FILE", help="trust these CA certificates instead of the system's (implies --tls)"
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate")
+    p.add_argument("--auth-key-file", metavar="FILE", help="answer the server's shared-key handshake")
+
+
+def client_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """The TLS context and authentication key the client options ask for.
+
+    Raises:
+        ValueError: an unreadable or invalid file, or --tls-key without --tls-cert.
+    """
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert")
+    context = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
+        from .tls import client_context
+
+        context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    return context, read_auth_key(args.auth_key_file)
+
+
+def read_auth_key(path: str | None) -> bytes | None:
+    """The shared key in the file at ``path`` (None for no file).
+
+    Raises:
+        ValueError: the file cannot be read or holds too short a key.
+    """
+    if path is None:
+        return None
+    from .auth import parse_key_file
+
+    try:
+        with open(path, "rb") as f:
+            return parse_key_file(f.read())
+    except OSError as exc:
+        raise ValueError(f"--auth-key-file: {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--auth-key-file: {path}: {exc}") from None
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -335,8 +400,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return usage(f"--workers needs --engine processes, not --engine {args.engine or 'asyncio'}")
     elif args.workers is not None and args.workers > MAX_WORKERS:
         return usage(f"--workers {args.workers} is above {MAX_WORKERS}")
+    if args.udp:
+        given = [
+            o
+            for o in ("tls_cert", "tls_key", "tls_client_ca", "auth_key_file", "proxy_protocol")
+            if getattr(args, o)
+        ]
+        if given:
+            return usage(f"--udp cannot be combined with {', '.join(map(_option, given))}")
+    if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
+        return usage("--tls-key and --tls-client-ca need --tls-cert")
     try:
         limits = _limits(args)
+        auth_key = read_auth_key(args.auth_key_file)
     except ValueError as exc:
         return usage(str(exc))
     config = ServerConfig(
@@ -349,7 +425,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         udp=args.udp,
         max_datagram_size=max_datagram,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_key=auth_key,
+        proxy_protocol=args.proxy_protocol,
     )
+    try:
+        config.ssl_context()  # a bad certificate is a usage error, before anything listens
+    except ValueError as exc:
+        return usage(str(exc))
     try:
         run_server(config)
     except OSError as exc:
@@ -384,6 +469,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        context, auth_key = client_security(args)
+    except ValueError as exc:
+        print(f"msgsock client: error: {exc}", file=sys.stderr)
+        return 2
     config = ClientConfig(
         host=args.host,
         port=args.port,
@@ -391,12 +481,22 @@ def _cmd_client(args: argparse.Namespace) -> int:
         header=header,
         connect_timeout=args.connect_timeout or 10.0,
         reply_timeout=args.timeout or 10.0,
+        ssl=context,
+        server_hostname=args.tls_server_name,
+        auth_key=auth_key,
     )
     scripted = args.rounds is not None or bool(args.send)
     if args.tui and scripted:
         print("msgsock client: error: --tui cannot be combined with --send or --rounds", file=sys.stderr)
         return 2
     if args.tui or (not scripted and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty()):
+        if context is not None or auth_key is not None:
+            print(
+                "msgsock client: error: the interactive client speaks plain TCP only; "
+                "use --no-tui (line mode) for TLS or --auth-key-file",
+                file=sys.stderr,
+            )
+            return 2
         from .tui import run_tui
 
         return run_tui(config)

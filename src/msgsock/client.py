@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import socket
+import ssl as ssl_module
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from ._net import format_address
-from .exceptions import ConnectionClosed, MsgsockError, Timeout
+from .exceptions import ConnectionClosed, HandshakeError, MsgsockError, Timeout
 from .framing import DEFAULT_FORMAT, FrameFormat, Message
 from .protocol import DEFAULT_LIMITS, Limits
 from .sync import Connection, connect
@@ -44,6 +45,9 @@ class ClientConfig:
     header: Mapping[str, int] = field(default_factory=dict)
     connect_timeout: float = 10.0
     reply_timeout: float = 10.0
+    ssl: ssl_module.SSLContext | None = None
+    server_hostname: str | None = None
+    auth_key: bytes | None = field(default=None, repr=False)
 
 
 def escape_text(data: bytes, limit: int | None = None) -> str:
@@ -77,11 +81,20 @@ def _connect(config: ClientConfig) -> Connection:
             frame=config.frame,
             limits=config.limits,
             connect_timeout=config.connect_timeout,
+            ssl=config.ssl,
+            server_hostname=config.server_hostname,
+            auth_key=config.auth_key,
         )
+    except HandshakeError as exc:
+        raise ClientError(f"{where}: {exc}") from None
+    except ssl_module.SSLCertVerificationError as exc:
+        raise ClientError(f"TLS with {where} failed: {exc.verify_message or exc}") from None
+    except ssl_module.SSLError as exc:
+        raise ClientError(f"TLS with {where} failed: {exc.reason or exc}") from None
     except socket.gaierror as exc:
         raise ClientError(f"cannot resolve {config.host!r}: {exc.strerror or exc}") from None
-    except Timeout:
-        raise ClientError(f"cannot connect to {where}: timed out") from None
+    except Timeout as exc:
+        raise ClientError(f"cannot connect to {where}: {exc}") from None
     except OSError as exc:
         raise ClientError(f"cannot connect to {where}: {exc.strerror or exc}") from None
 

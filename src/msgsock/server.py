@@ -47,6 +47,7 @@ import os
 import pickle
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -134,6 +135,11 @@ class ServerConfig:
         udp: serve UDP datagrams instead of framed TCP (engine ``asyncio`` only; the
             frame and connection limits do not apply).
         max_datagram_size: largest datagram accepted or sent with ``udp`` (0-65535).
+        tls_cert: serve TLS with this certificate chain (PEM); ``tls_key`` its key.
+        tls_client_ca: require client certificates signed by these CAs (mutual TLS).
+        auth_key: require the shared-key handshake (SPEC §4.2) before any frame.
+        proxy_protocol: require a PROXY protocol v1/v2 header on every connection and
+            log the proxied client's address (SPEC §7).
     """
 
     host: str = "127.0.0.1"
@@ -146,6 +152,34 @@ class ServerConfig:
     workers: int | None = None
     udp: bool = False
     max_datagram_size: int = UDP_MAX_SIZE
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_key: bytes | None = field(default=None, repr=False)
+    proxy_protocol: bool = False
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context of ``tls_cert``, or None for plain TCP.
+
+        Built where it is used: a context cannot be sent to a worker process.
+
+        Raises:
+            ValueError: a certificate or key file is missing or invalid.
+        """
+        if self.tls_cert is None:
+            return None
+        from .tls import server_context
+
+        return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def security(self) -> dict[str, Any]:
+        """The TLS, authentication and PROXY keyword arguments of the servers."""
+        options: dict[str, Any] = {"ssl": self.ssl_context()}
+        if self.auth_key is not None:
+            options["auth_key"] = self.auth_key
+        if self.proxy_protocol:
+            options["proxy_protocol"] = True
+        return options
 
     def worker_count(self) -> int:
         """The number of worker processes the ``processes`` engine starts."""
@@ -153,7 +187,17 @@ class ServerConfig:
 
 
 def _ready_line(config: ServerConfig, address: tuple[object, ...], engine: str | None = None) -> str:
-    return f"listening on {format_address(address)} ({engine or config.engine}, {config.frame})"
+    extras = [
+        name
+        for name, on in (
+            ("mutual tls" if config.tls_client_ca else "tls", config.tls_cert),
+            ("auth", config.auth_key),
+            ("proxy protocol", config.proxy_protocol),
+        )
+        if on
+    ]
+    details = ", ".join([engine or config.engine, str(config.frame), *extras])
+    return f"listening on {format_address(address)} ({details})"
 
 
 def run_server(config: ServerConfig, *, out: TextIO | None = None) -> ServerStatistics:
@@ -213,6 +257,7 @@ async def _serve_asyncio(
         backlog=config.backlog,
         reuse_port=reuse_port,
         sock=sock,
+        **config.security(),
     )
 
 
@@ -248,6 +293,7 @@ def _run_threads(config: ServerConfig, out: TextIO) -> ServerStatistics:
         frame=config.frame,
         limits=config.limits,
         backlog=config.backlog,
+        **config.security(),
     )
     stop = threading.Event()
 
