@@ -659,6 +659,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps = [
             ["client", "--port", port, "--send", "Hello, msgsock!", "--send", "Each message is one frame."],
             ["client", "--port", port, "--rounds", "1000", "--message", "stressed desserts"],
+            ["stress", "--port", port, "--connections", "8", "--depth", "4", "--messages", "20000", "--quiet"],
         ]
         for step in steps:
             print("$ msgsock " + " ".join(a if " " not in a else repr(a) for a in step), flush=True)
@@ -667,7 +668,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 print(f"  {line}", flush=True)
             if done.returncode != 0:
                 return 1
-        print("$ kill -TERM <server>", flush=True)
+        print("$ kill -TERM <server>    # the server drains, then prints its log and summary:", flush=True)
         server.send_signal(signal.SIGTERM)
         rest, _ = server.communicate(timeout=30)
         for line in rest.splitlines():
