@@ -659,7 +659,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps = [
             ["client", "--port", port, "--send", "Hello, msgsock!", "--send", "Each message is one frame."],
             ["client", "--port", port, "--rounds", "1000", "--message", "stressed desserts"],
-            ["stress", "--port", port, "--connections", "8", "--depth", "4", "--messages", "20000", "--quiet"],
+            ["stress", "--port", port, "-c", "8", "-d", "4", "-n", "20000", "--quiet"],
         ]
         for step in steps:
             print("$ msgsock " + " ".join(a if " " not in a else repr(a) for a in step), flush=True)
