@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
-__all__ = ["format_address", "set_nodelay"]
+__all__ = ["DEFAULT_LOGGER", "format_address", "server_logger", "set_nodelay"]
+
+DEFAULT_LOGGER = "msgsock.server"
+"""The logger every server (asyncio, threaded, UDP) writes to unless given another."""
+
+
+def server_logger(logger: logging.Logger | None) -> logging.Logger:
+    """Return ``logger``, or the servers' shared default ``logging.getLogger("msgsock.server")``."""
+    return logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
 
 
 def format_address(address: Any) -> str:

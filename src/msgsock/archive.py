@@ -419,6 +419,11 @@ class ArchiveWriter:
         if n < 0xFFFE:
             self._pack_int("WORD", n)
             return
+        self._write_beyond_word(n)
+
+    def _write_beyond_word(self, n: int) -> None:
+        # How AfxWriteStringLength and WriteCount both go on once a WORD will not do:
+        # the WORD escape FFFF, then a DWORD, or the DWORD escape FFFFFFFF and a QWORD.
         self._pack_int("WORD", 0xFFFF)
         if n < 0xFFFFFFFF:
             self._pack_int("DWORD", n)
@@ -476,12 +481,7 @@ class ArchiveWriter:
         if n < 0xFFFF:
             self._pack_int("WORD", n)
             return
-        self._pack_int("WORD", 0xFFFF)
-        if n < 0xFFFFFFFF:
-            self._pack_int("DWORD", n)
-            return
-        self._pack_int("DWORD", 0xFFFFFFFF)
-        self._pack_int("ULONGLONG", n)
+        self._write_beyond_word(n)
 
 
 class ArchiveReader:

@@ -52,7 +52,8 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TextIO, TypeAlias, cast
 
-from ._net import format_address
+from ._net import DEFAULT_LOGGER as DEFAULT_LOGGER
+from ._net import format_address, server_logger
 from .exceptions import ConcurrencyError, InvalidState, MessageTooLarge, Timeout
 from .protocol import ServerStatistics
 
@@ -79,7 +80,6 @@ MAX_DATAGRAM = 65535
 
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_RETRIES = 3
-DEFAULT_LOGGER = "msgsock.server"
 
 _BURST = 64
 """Datagrams a server handles per wake-up before it looks at its other work."""
@@ -155,7 +155,15 @@ def _resolve(host: str, port: int, family: int) -> list[tuple[int, Any]]:
         socket.gaierror: the name does not resolve.
         OSError: it resolves to no IPv4 or IPv6 address.
     """
-    infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    return _inet_addresses(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM), host)
+
+
+def _inet_addresses(infos: Iterable[tuple[Any, ...]], host: str) -> list[tuple[int, Any]]:
+    """The (family, address) pairs of getaddrinfo's answer for ``host`` that are IPv4 or IPv6, in order.
+
+    Raises:
+        OSError: there is none.
+    """
     addrs: list[tuple[int, Any]] = [
         (af, sa) for af, _, _, _, sa in infos if af in (socket.AF_INET, socket.AF_INET6)
     ]
@@ -304,7 +312,7 @@ class UdpServer:
         logger: logging.Logger | None = None,
     ) -> None:
         _check_max_size(max_size)
-        self._log = logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
+        self._log = server_logger(logger)
         self._sock = _bind(host, port, family)
         self._address: Any = self._sock.getsockname()
         self._pump = _DatagramPump(self._sock, handler, max_size, self._log)
@@ -605,7 +613,7 @@ async def serve_udp(
     """
     _check_max_size(max_size)
     loop = asyncio.get_running_loop()
-    log = logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
+    log = server_logger(logger)
     sock = _bind(host, port, family)
     pump = _AsyncPump(sock, handler, max_size, log, loop)
     server = AsyncUdpServer(pump, shutdown_timeout)
@@ -1122,11 +1130,7 @@ async def open_udp_client(
     loop = asyncio.get_running_loop()
     # getaddrinfo may block on DNS: in the loop's executor, not on the loop.
     infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
-    candidates: list[tuple[int, Any]] = [
-        (af, sa) for af, _, _, _, sa in infos if af in (socket.AF_INET, socket.AF_INET6)
-    ]
-    if not candidates:
-        raise OSError(errno.EADDRNOTAVAIL, f"no IPv4 or IPv6 address for {host!r}")
+    candidates = _inet_addresses(infos, host)
     return AsyncUdpClient(format_address((host, port)), candidates, timeout, retries, max_size)
 
 

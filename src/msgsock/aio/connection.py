@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import re
 import ssl as ssl_module
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
+from .._handshake import connect_timeout_error, ssl_error_text
 from .._net import format_address, set_nodelay
 from ..auth import ClientHandshake, new_nonce
 from ..exceptions import (
@@ -52,7 +52,6 @@ from ..exceptions import (
     HandshakeError,
     InvalidState,
     ProtocolError,
-    Timeout,
 )
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
@@ -86,9 +85,6 @@ def read_buffer() -> memoryview:
     return view
 
 
-_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
-
-
 def describe_tls_error(exc: BaseException) -> str:
     """A short reason for a failed TLS handshake, for logs: OpenSSL's words, no traceback.
 
@@ -98,8 +94,7 @@ def describe_tls_error(exc: BaseException) -> str:
     certificate has expired``), :func:`describe_os_error` for the rest.
     """
     if isinstance(exc, ssl_module.SSLError):
-        text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
-        return _SSL_SOURCE.sub("", text) or type(exc).__name__
+        return ssl_error_text(exc)
     return describe_os_error(exc)
 
 
@@ -116,6 +111,19 @@ def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
         buf[:n] = data[at : at + n]
         protocol.buffer_updated(n)
         at += n
+
+
+def setup_transport(transport: asyncio.Transport, limits: Limits) -> bool:
+    """Prepare a new connection's transport: ``TCP_NODELAY`` and the write water marks (SPEC §7).
+
+    Returns:
+        True when the transport speaks TLS.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        set_nodelay(sock)
+    transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
+    return transport.get_extra_info("sslcontext") is not None
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -206,12 +214,7 @@ class Connection(asyncio.BufferedProtocol):
         self._peer_address = peer_address
         self._local_address = transport.get_extra_info("sockname")
         self.peer = format_address(peer_address)
-        self._tls = transport.get_extra_info("sslcontext") is not None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-        limits = self._limits
-        transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
+        self._tls = setup_transport(transport, self._limits)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Called by the transport (not by applications)."""
@@ -772,12 +775,10 @@ async def connect(
     try:
         return await asyncio.wait_for(open_connection(), connect_timeout)
     except TimeoutError:
-        if opened and opened[-1]._transport is not None:
+        authenticating = bool(opened) and opened[-1]._transport is not None
+        if authenticating:
             opened[-1].abort()
-            raise Timeout(
-                f"authentication with {where} did not complete within {connect_timeout:g} s"
-            ) from None
-        raise Timeout(f"connecting to {where} timed out after {connect_timeout:g} s") from None
+        raise connect_timeout_error(where, connect_timeout, authenticating=authenticating) from None
     except BaseException:
         for proto in opened:
             proto.abort()

@@ -64,7 +64,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
-from .._net import format_address, set_nodelay
+from .._handshake import check_server_key, stage_failed, timeout_reason, tls_failed
+from .._net import DEFAULT_LOGGER as DEFAULT_LOGGER
+from .._net import format_address, server_logger, set_nodelay
 from ..auth import ServerHandshake, new_nonce
 from ..exceptions import ConnectionClosed, HandshakeError, ProtocolError, ProxyProtocolError
 from ..framing import DEFAULT_FORMAT, FrameFormat
@@ -77,6 +79,7 @@ from .connection import (
     describe_tls_error,
     feed_buffered,
     read_buffer,
+    setup_transport,
 )
 
 __all__ = ["ConnectionHandler", "Handler", "Server", "serve"]
@@ -87,8 +90,6 @@ Handler: TypeAlias = Callable[[bytes], Reply | Awaitable[Reply]]
 or an awaitable of it.  A :class:`~msgsock.framing.Message` reply keeps its header."""
 ConnectionHandler: TypeAlias = Callable[[Connection], Awaitable[None]]
 """A per-connection handler: ``async def handler(conn)``."""
-
-DEFAULT_LOGGER = "msgsock.server"
 
 # Why reading from a peer is paused (bits of _HandlerProtocol._paused).
 _PAUSED_WRITE = 1  # our replies to it are above the high-water mark (it does not read)
@@ -161,12 +162,7 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only look alike.
         self._transport = transport = cast(asyncio.Transport, transport)
         self.peer = format_address(peer_address)
-        self._tls = transport.get_extra_info("sslcontext") is not None
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock)
-        limits = self._server.limits
-        transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
+        self._tls = setup_transport(transport, self._server.limits)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
@@ -362,29 +358,9 @@ class _HandlerProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
 
 
-_STAGE_NAMES = {
-    "proxy": "the PROXY header",
-    "tls": "the TLS handshake",
-    "auth": "the authentication handshake",
-}
-
 _TLS_BACKSTOP = 1.0
 """Seconds added to asyncio's own TLS handshake timeout: our deadline timer fires
 first and names the stage; asyncio's is only a backstop."""
-
-
-def _timeout_reason(stage: str, parser: ProxyHeaderParser | None, timeout: float) -> str:
-    """The log reason of a handshake that ran out of time in ``stage``."""
-    if stage == "proxy" and parser is not None:
-        if parser.buffered == 0:
-            return f"handshake timeout: no PROXY header within {timeout:g} s"
-        return (
-            f"handshake timeout: the PROXY header was not complete within {timeout:g} s "
-            f"({parser.buffered} bytes received)"
-        )
-    return (
-        f"handshake timeout: {_STAGE_NAMES.get(stage, 'the handshake')} did not complete within {timeout:g} s"
-    )
 
 
 class _HandshakeProtocol(asyncio.BufferedProtocol):
@@ -479,7 +455,7 @@ class _HandshakeProtocol(asyncio.BufferedProtocol):
         self._lost = True
         if not self._ended:
             why = describe_os_error(exc) if exc is not None else "connection closed by the peer"
-            self._fail(f"{why} during {_STAGE_NAMES.get(self._stage, 'the handshake')}")
+            self._fail(stage_failed(why, self._stage))
 
     # -- stages -------------------------------------------------------------------------
 
@@ -575,7 +551,7 @@ class _HandshakeProtocol(asyncio.BufferedProtocol):
         except Exception as exc:
             self._task = None
             # start_tls closed the transport; close, not abort: a TLS alert may be queued.
-            self._fail(f"TLS handshake failed: {describe_tls_error(exc)}", abort=False)
+            self._fail(tls_failed(describe_tls_error(exc)), abort=False)
             return
         self._task = None
         if self._ended or transport is None:
@@ -621,7 +597,7 @@ class _HandshakeProtocol(asyncio.BufferedProtocol):
         if self._ended:
             return
         timeout = self._server.limits.handshake_timeout or 0.0
-        self._fail(_timeout_reason(self._stage, self._parser, timeout))
+        self._fail(timeout_reason(self._stage, self._parser, timeout))
 
     def _fail(self, reason: str, *, abort: bool = True) -> None:
         """The handshake failed: log it once, count an error, close the connection."""
@@ -1067,15 +1043,13 @@ async def serve(
     """
     if handler is not None and connection_handler is not None:
         raise ValueError("give either handler or connection_handler, not both")
-    if auth_key is not None:
-        ServerHandshake(auth_key, new_nonce())  # a bad key fails here, not per connection
-        auth_key = bytes(auth_key)
+    auth_key = check_server_key(auth_key)
     server = Server(
         handler,
         connection_handler,
         frame=frame,
         limits=limits,
-        logger=logger if logger is not None else logging.getLogger(DEFAULT_LOGGER),
+        logger=server_logger(logger),
         ssl=ssl,
         auth_key=auth_key,
         proxy_protocol=proxy_protocol,

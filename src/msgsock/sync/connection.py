@@ -73,6 +73,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .._handshake import connect_timeout_error, run_blocking
 from .._net import format_address, set_nodelay
 from ..auth import ClientHandshake, new_nonce
 from ..exceptions import (
@@ -184,6 +185,15 @@ def _address(getter: Any) -> Any:
         return getter()
     except OSError:  # already reset: the server passes the address accept() returned
         return None
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """A short reason for a connection that failed with ``exc`` (for logs and ConnectionClosed)."""
+    if isinstance(exc, _RESETS):
+        return "connection reset by peer"
+    if isinstance(exc, BrokenPipeError):
+        return "broken pipe: the peer is gone"
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 class Connection:
@@ -708,12 +718,7 @@ class Connection:
             return self._cancel_error()
         if self._sock_closed:
             return self._local_closed()
-        if isinstance(exc, _RESETS):
-            reason = "connection reset by peer"
-        elif isinstance(exc, BrokenPipeError):
-            reason = "broken pipe: the peer is gone"
-        else:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+        reason = _describe_os_error(exc)
         self._broken = ConnectionClosed(False, reason)
         if self._rx_end is None:
             self._rx_end = self._broken
@@ -1073,15 +1078,7 @@ def _authenticate(
                 waiter.wait(sock, address, write=False)
 
     try:
-        send(handshake.data_to_send())  # our hello at once: the hellos cross
-        while not handshake.done:
-            data = receive()
-            if not data:
-                handshake.receive_eof()
-            handshake.receive_data(data)
-            out = handshake.data_to_send()
-            if out:
-                send(out)
+        return run_blocking(handshake, send, receive)
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError) as exc:
         # The server hung up on us (a server without a key refuses our hello at once):
         # say what the handshake was waiting for.
@@ -1090,7 +1087,6 @@ def _authenticate(
         except HandshakeError as error:
             raise error from exc
         raise
-    return handshake.remaining
 
 
 def connect(
@@ -1189,12 +1185,11 @@ def connect(
                     waiter.close()
         except TimeoutError:
             sock.close()
+            error = connect_timeout_error(
+                format_address(address), connect_timeout, authenticating=authenticating
+            )
             if authenticating:  # the server is there but does not finish: not another address's job
-                raise Timeout(
-                    f"authentication with {format_address(address)} did not complete "
-                    f"within {connect_timeout:g} s"
-                ) from None
-            error = Timeout(f"connecting to {format_address(address)} timed out after {connect_timeout:g} s")
+                raise error from None
             continue
         except (_ssl.SSLError, Cancelled, HandshakeError):
             sock.close()

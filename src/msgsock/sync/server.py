@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
-import re
 import selectors
 import socket
 import ssl as _ssl
@@ -50,17 +50,27 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from .._net import format_address
+from .._handshake import (
+    check_server_key,
+    run_blocking,
+    ssl_error_text,
+    stage_failed,
+    timeout_reason,
+    tls_failed,
+)
+from .._net import format_address, server_logger
 from ..auth import ServerHandshake, new_nonce
 from ..exceptions import ConnectionClosed, HandshakeError, InvalidState, ProtocolError, ProxyProtocolError
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, ServerStatistics
 from ..proxy import ProxyHeaderParser, ProxyInfo
-from .connection import _LINGER_ABORT, Connection
+from .connection import _LINGER_ABORT, Connection, _describe_os_error, _time_left
 
 __all__ = ["ThreadedServer"]
+
+_T = TypeVar("_T")
 
 Handler = Callable[[bytes], bytes | bytearray | memoryview | None]
 ConnectionHandler = Callable[[Connection], None]
@@ -76,41 +86,12 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _STAGE_READ = 64 * 1024
 """Bytes one read of a handshake stage may take when nothing has to stay in the socket."""
 
-_STAGE_NAMES = {
-    "proxy": "the PROXY header",
-    "tls": "the TLS handshake",
-    "auth": "the authentication handshake",
-}
-
-_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
-
 
 def _describe_tls_error(exc: OSError) -> str:
     """OpenSSL's words for a failed TLS handshake, without the ``(_ssl.c:NNN)`` source position."""
     if isinstance(exc, _ssl.SSLError):
-        text = str(exc.args[1]) if len(exc.args) > 1 else str(exc)
-        return _SSL_SOURCE.sub("", text) or type(exc).__name__
+        return ssl_error_text(exc)
     return _describe_os_error(exc)
-
-
-def _describe_os_error(exc: OSError) -> str:
-    if isinstance(exc, ConnectionResetError | ConnectionAbortedError):
-        return "connection reset by peer"
-    if isinstance(exc, BrokenPipeError):
-        return "broken pipe: the peer is gone"
-    return exc.strerror or str(exc) or type(exc).__name__
-
-
-def _timeout_reason(stage: str, parser: ProxyHeaderParser | None, timeout: float) -> str:
-    """The log reason of a handshake that ran out of time in ``stage``."""
-    if stage == "proxy" and parser is not None:
-        if parser.buffered == 0:
-            return f"handshake timeout: no PROXY header within {timeout:g} s"
-        return (
-            f"handshake timeout: the PROXY header was not complete within {timeout:g} s "
-            f"({parser.buffered} bytes received)"
-        )
-    return f"handshake timeout: {_STAGE_NAMES[stage]} did not complete within {timeout:g} s"
 
 
 class _StageFailed(Exception):
@@ -239,9 +220,7 @@ class ThreadedServer:
     ) -> None:
         if (handler is None) == (connection_handler is None):
             raise ValueError("give exactly one of handler and connection_handler")
-        if auth_key is not None:
-            ServerHandshake(auth_key, new_nonce())  # a bad key fails here, not per connection
-            auth_key = bytes(auth_key)
+        auth_key = check_server_key(auth_key)
         self._handler = handler
         self._connection_handler = connection_handler
         self.frame = frame
@@ -250,7 +229,7 @@ class ThreadedServer:
         self._auth_key = auth_key
         self._proxy_protocol = proxy_protocol
         self._staged = ssl is not None or auth_key is not None or proxy_protocol
-        self._log = logger if logger is not None else logging.getLogger("msgsock.server")
+        self._log = server_logger(logger)
         self._cap = min(limits.max_connections, limits.max_threads)
         self._listener = _bind(host, port, family, backlog, reuse_port)
         self._listener.setblocking(False)
@@ -432,23 +411,7 @@ class ThreadedServer:
         conn._peer_address = address
         conn._enforce_limits = True
         thread = threading.Thread(target=self._serve, args=(conn, peer), name=f"msgsock-{peer}", daemon=True)
-        with self._lock:
-            if self._stop.is_set():  # shutdown() snapshotted the connections already
-                conn.abort()
-                return
-            self._stats.connections += 1
-            self._stats.active += 1
-            self._connections[conn] = thread
-        try:
-            thread.start()
-        except RuntimeError as exc:  # can't start new thread
-            with self._lock:
-                del self._connections[conn]
-                self._stats.connections -= 1
-                self._stats.active -= 1
-                self._stats.rejected += 1
-            self._log.warning("%s rejected: %s", peer, exc)
-            conn.abort()
+        self._start_thread(self._connections, conn, thread, peer, conn.abort)
 
     def _admit_staged(self, sock: socket.socket, address: Any, peer: str) -> None:
         """Start the thread of a connection that has handshake stages to pass first."""
@@ -456,23 +419,39 @@ class ThreadedServer:
         thread = threading.Thread(
             target=self._serve_staged, args=(slot,), name=f"msgsock-{peer}", daemon=True
         )
+        self._start_thread(self._handshaking, slot, thread, peer, functools.partial(self._reset, sock))
+
+    def _start_thread(
+        self,
+        table: dict[_T, threading.Thread],
+        key: _T,
+        thread: threading.Thread,
+        peer: str,
+        drop: Callable[[], None],
+    ) -> None:
+        """Count a new connection, list it in ``table`` under ``key`` and start its thread.
+
+        ``drop`` closes the connection when it is not served: the server is stopping
+        (shutdown() snapshotted the connections already), or the thread cannot start
+        (then it counts as rejected).
+        """
         with self._lock:
             if self._stop.is_set():
-                self._reset(sock)
+                drop()
                 return
             self._stats.connections += 1
             self._stats.active += 1
-            self._handshaking[slot] = thread
+            table[key] = thread
         try:
             thread.start()
         except RuntimeError as exc:  # can't start new thread
             with self._lock:
-                del self._handshaking[slot]
+                del table[key]
                 self._stats.connections -= 1
                 self._stats.active -= 1
                 self._stats.rejected += 1
             self._log.warning("%s rejected: %s", peer, exc)
-            self._reset(sock)
+            drop()
 
     @staticmethod
     def _reset(sock: socket.socket) -> None:
@@ -616,25 +595,18 @@ class ThreadedServer:
                     woken = slot.woken
                 if woken:
                     raise OSError(errno.ESHUTDOWN, "server shutting down")
-                sock.settimeout(self._time_left(deadline))
+                sock.settimeout(_time_left(deadline))
                 tls.do_handshake()
             if self._auth_key is not None:
                 stage = "auth"
                 handshake = ServerHandshake(self._auth_key, new_nonce())
                 try:
-                    self._send_stage(sock, handshake.data_to_send(), deadline)  # our hello at once
-                    data = rest
-                    while True:
-                        if data:
-                            handshake.receive_data(data)
-                            out = handshake.data_to_send()
-                            if out:
-                                self._send_stage(sock, out, deadline)
-                            if handshake.done:
-                                break
-                        data = self._recv_stage(sock, _STAGE_READ, deadline)
-                        if not data:
-                            handshake.receive_eof()
+                    rest = run_blocking(
+                        handshake,
+                        lambda out: self._send_stage(sock, out, deadline),
+                        lambda: self._recv_stage(sock, _STAGE_READ, deadline),
+                        rest,
+                    )
                 except HandshakeError:
                     out = handshake.data_to_send()  # the rejection byte: the client can say why
                     if out:
@@ -643,19 +615,18 @@ class ThreadedServer:
                         except OSError:
                             pass
                     raise
-                rest = handshake.remaining
         except (ProxyProtocolError, HandshakeError) as exc:
             sock.close()
             raise _StageFailed(peer, str(exc)) from None
         except TimeoutError:
             self._reset(sock)
-            raise _StageFailed(peer, _timeout_reason(stage, parser, timeout or 0.0)) from None
+            raise _StageFailed(peer, timeout_reason(stage, parser, timeout or 0.0)) from None
         except OSError as exc:
             if stage == "tls":
                 sock.close()  # not a reset: the TLS alert that says why must reach the client
-                raise _StageFailed(peer, f"TLS handshake failed: {_describe_tls_error(exc)}") from None
+                raise _StageFailed(peer, tls_failed(_describe_tls_error(exc))) from None
             self._reset(sock)
-            raise _StageFailed(peer, f"{_describe_os_error(exc)} during {_STAGE_NAMES[stage]}") from None
+            raise _StageFailed(peer, stage_failed(_describe_os_error(exc), stage)) from None
         except BaseException:
             self._reset(sock)
             raise
@@ -673,21 +644,12 @@ class ThreadedServer:
             raise _StageFailed(peer, str(exc)) from None
         return conn, peer
 
-    @staticmethod
-    def _time_left(deadline: float | None) -> float | None:
-        if deadline is None:
-            return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(errno.ETIMEDOUT, "handshake timeout")
-        return left
-
     def _recv_stage(self, sock: socket.socket, size: int, deadline: float | None) -> bytes:
-        sock.settimeout(self._time_left(deadline))
+        sock.settimeout(_time_left(deadline))
         return sock.recv(size)
 
     def _send_stage(self, sock: socket.socket, data: bytes, deadline: float | None) -> None:
-        sock.settimeout(self._time_left(deadline))
+        sock.settimeout(_time_left(deadline))
         sock.sendall(data)
 
     @staticmethod
