@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from msgsock._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index
+from msgsock._histogram import MAX_BITS, SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
 
 from .helpers import unit
 
@@ -165,3 +165,29 @@ def test_huge_values_land_in_the_last_bucket_with_exact_max() -> None:
     assert h.count == 2
     assert h.max == 2**60
     assert h.percentile(100) == 2**60
+
+
+@pytest.mark.parametrize(("granule", "limit"), [(0, 12), (6, 22), (3, 20)])
+def test_bucket_table_agrees_with_bucket_index(granule: int, limit: int) -> None:
+    """The lookup table gives the same bucket as bucket_index for every value in its range."""
+    low, table = bucket_table(granule, limit)
+    assert low == 1 << (granule + SUB_BITS - 1)
+    assert len(table) == 1 << (limit - granule)
+    rng = random.Random(limit)
+    edges = [
+        b for i in range(bucket_index(low), bucket_index((1 << limit) - 1) + 1) for b in bucket_bounds(i)
+    ]
+    values = [low, (1 << limit) - 1, *(v for e in edges for v in (e - 1, e) if low <= v < 1 << limit)]
+    values += [rng.randrange(low, 1 << limit) for _ in range(20_000)]
+    for v in values:
+        assert table[v >> granule] == bucket_index(v), v
+
+
+def test_bucket_table_rejects_impossible_ranges() -> None:
+    """A table whose range is empty, too large, or with a negative granule is refused."""
+    with pytest.raises(ValueError):
+        bucket_table(-1, 20)
+    with pytest.raises(ValueError):
+        bucket_table(6, 13)  # buckets are 64 wide only from 2**13 on: nothing below the limit
+    with pytest.raises(ValueError):
+        bucket_table(6, MAX_BITS + 1)

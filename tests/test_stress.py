@@ -451,6 +451,18 @@ def test_rate_with_exact_messages(make_server: Any) -> None:
     assert report["rate"]["target_msgs_per_s"] == 500
 
 
+def test_long_run_wraps_the_stream_windows(make_server: Any) -> None:
+    """Thousands of messages per connection (ids past 256, every window slot reused) all verify."""
+    server = make_server()
+    code, report, err = stress_json(
+        "--port", str(server.port), "-c", "2", "-d", "16", "-n", "6000", "--size", "1000"
+    )
+    assert code == 0, err
+    assert report["messages"]["verified"] == 6000
+    assert report["latency_us"]["count"] == 6000
+    only_errors(report)
+
+
 # -- faults -----------------------------------------------------------------------------
 
 
@@ -507,6 +519,32 @@ def test_flipped_byte_in_a_large_message(make_server: Any) -> None:
     assert code == 1
     only_errors(report, corrupted=1)
     assert report["messages"]["verified"] == 7
+
+
+@pytest.mark.parametrize(
+    ("fault", "errors", "verified"),
+    [("flip", {"corrupted": 1}, 2999), ("dup", {"duplicated": 1}, 3000), ("swap", {"reordered": 1}, 3000)],
+)
+def test_faults_late_in_a_deep_run(
+    make_server: Any, fault: str, errors: dict[str, int], verified: int
+) -> None:
+    """A fault long after the start, with many messages in flight, is still classified exactly."""
+    server = make_server(fault=fault, at=1500)
+    code, report, _ = stress_json("--port", str(server.port), "-n", "3000", "-d", "8", "--size", "1000")
+    assert code == 1
+    only_errors(report, **errors)
+    assert report["messages"]["verified"] == verified
+
+
+def test_late_drop_in_a_deep_run_is_lost(make_server: Any) -> None:
+    """A message swallowed late in a deep run is lost once; the later replies all verify."""
+    server = make_server(fault="drop", at=700)
+    code, report, _ = stress_json(
+        "--port", str(server.port), "-n", "1000", "-d", "8", "--timeout", str(unit(1))
+    )
+    assert code == 1
+    only_errors(report, lost=1)
+    assert report["messages"]["verified"] == 999
 
 
 def test_truncated_connection(make_server: Any) -> None:
@@ -770,3 +808,93 @@ def test_first_difference() -> None:
         assert _first_difference(bytes(b), a) == i
     assert _first_difference(a, a) == 200
     assert _first_difference(a[:50], a) == 50
+
+
+def test_stream_windows_hold_the_exact_messages() -> None:
+    """The stream-mode window holds, for every message in flight, exactly the encoded message
+    (sequence numbers past 2**8, 2**16 and 2**40; connection ids past 2**8; several frames)."""
+    from msgsock import stress as mod
+
+    cases = [(64, "u32be", 16, 16), (1000, "u32be", 16, 256), (13, "u8", 3, 1), (5000, "u16le", 40, 2000)]
+    for size, spec, depth, conns in cases:
+        cfg = mod.StressConfig(
+            size_min=size, size_max=size, depth=depth, connections=conns, frame=FrameFormat.parse(spec)
+        )
+        w = mod._Worker(cfg, mod._shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))
+        try:
+            assert w.stream
+            ml = w._mlen
+            for cid in (0, 1, 300, 70000):
+                a, b = socket.socketpair()
+                with a, b:
+                    c = mod._Conn(cid, a)
+                    for start in (0, 2**16 - 2 * w._block, 2**40 - w._block):
+                        c.win = bytearray()
+                        c.wtop = c.next_rx = start
+                        for step in range(3 * w._window // depth + 3):
+                            s1 = c.next_rx + depth
+                            w._extend_window(c, s1)
+                            for seq in range(c.next_rx, s1):
+                                off = seq % w._window * ml
+                                want = cfg.frame.encode(w.payloads.expected(cid, seq))
+                                assert c.win[off : off + ml] == want, (size, spec, cid, seq)
+                            c.next_rx += step % depth + 1
+        finally:
+            w.ep.close()
+
+
+def test_stream_mode_split_replies_and_fallback() -> None:
+    """Replies split anywhere verify in stream mode; a bad byte after a split reply is classified per
+    message (the verified half is not lost), and an EOF then aborts exactly what is still owed."""
+    from msgsock import stress as mod
+
+    cfg = mod.StressConfig(size_min=40, size_max=40, depth=4, duration=1000.0)
+    w = mod._Worker(cfg, mod._shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.settimeout(unit(5))
+        c = mod._Conn(0, a)
+        w.conns[c.fd] = c
+        w._connected(c, time.monotonic_ns())
+        assert c.stream
+        w.sending = True
+        w.t_start = time.monotonic_ns()
+        w._refill(c, w.t_start)
+        ml = 44
+
+        def take(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                data += b.recv(n - len(data))
+            return data
+
+        def reply(data: bytes) -> None:
+            b.sendall(data)
+            w._stream_round([(c.fd, mod._IN)], time.monotonic_ns())
+
+        sent = take(4 * ml)
+        reply(sent[:66])  # one and a half replies
+        assert c.stream and c.next_rx == 1 and c.rx == 66
+        sent += take(ml)  # the replacement of message 0
+        reply(sent[66:100])
+        assert c.stream and c.next_rx == 2
+        sent += take(ml)
+        bad = bytearray(sent[100 : 4 * ml])
+        bad[-5] ^= 0x40  # in message 3, after the rest of message 2
+        reply(bytes(bad))
+        assert not c.stream  # classified per message from here on
+        w._fold()
+        assert w.errors["corrupted"] == 1
+        assert w.done_all == 3  # messages 0, 1 and 2
+        assert any("conn 0 seq 3: byte 35" in e for e in w.examples), w.examples
+        b.shutdown(socket.SHUT_WR)  # EOF with messages 4 and 5 (and their refills) unanswered
+        w._stream_round([(c.fd, mod._IN)], time.monotonic_ns())
+        w._fold()
+        assert w.errors["closed"] == 1
+        assert w.errors["aborted"] == w.sent_all - 4 > 0
+        assert w.inflight == 0
+    finally:
+        a.close()
+        b.close()
+        w.ep.close()

@@ -27,7 +27,7 @@ import math
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
 
-__all__ = ["MAX_BITS", "SUB_BITS", "Histogram", "bucket_bounds", "bucket_index"]
+__all__ = ["MAX_BITS", "SUB_BITS", "Histogram", "bucket_bounds", "bucket_index", "bucket_table"]
 
 SUB_BITS = 8
 """Precision: buckets are at most 1/128 of their values wide (0.4 % error at the midpoint)."""
@@ -66,6 +66,36 @@ def bucket_bounds(index: int) -> tuple[int, int]:
     shift = (index >> (SUB_BITS - 1)) - 1
     top = index - (shift << (SUB_BITS - 1))
     return top << shift, (top + 1) << shift
+
+
+def bucket_table(granule_bits: int, limit_bits: int) -> tuple[int, list[int]]:
+    """Return ``(low, table)`` with ``table[v >> granule_bits] == bucket_index(v)`` for
+    every ``low <= v < 2**limit_bits``: one list lookup instead of the arithmetic, for
+    hot loops (``low`` is where buckets become at least ``2**granule_bits`` wide).
+
+    Raises:
+        ValueError: ``limit_bits`` is not above ``low``'s bit length or beyond
+            :data:`MAX_BITS`, or ``granule_bits`` is negative.
+    """
+    if granule_bits < 0:
+        raise ValueError(f"granule_bits must be >= 0, not {granule_bits}")
+    low = 1 << (granule_bits + SUB_BITS - 1)
+    if not low < 1 << limit_bits <= 1 << MAX_BITS:
+        raise ValueError(
+            f"limit_bits {limit_bits} must be above {low.bit_length() - 1} and at most {MAX_BITS}"
+        )
+    # Entries below low >> granule_bits are never looked up; they are filled so the list
+    # is indexable from 0.  Above it every bucket spans a whole number of granules.
+    table = [0] * (low >> granule_bits)
+    index = bucket_index(low)
+    end = 1 << limit_bits
+    while True:
+        lo, hi = bucket_bounds(index)
+        if lo >= end:
+            break
+        table.extend([index] * ((min(hi, end) - lo) >> granule_bits))
+        index += 1
+    return low, table
 
 
 class Histogram:

@@ -24,9 +24,18 @@ holds ``seq mod 2**(bits(f) - 1)`` and the echoed fields are checked too.  With
 ``--expect reverse`` the expected body is the same bytes reversed (the ``reverse``
 handler).  Comparisons are bulk (``startswith`` on slices of the pattern, no copies).
 
-Per connection, messages ``[next_rx, tx_seq)`` that are still owed a reply are in
+**Stream mode** (TCP, closed loop, echo, one fixed size of 13 bytes to 32 KiB, no
+extra header fields: the common case, and every cell of the SPEC §8 benchmark) checks
+replies without parsing them: an echo returns exactly the bytes written on the
+connection, in order, so each read is compared with the next unanswered bytes of what
+was sent in one ``memcmp`` (see ``_Worker._stream_round``).  The first read that does
+not match, a timeout, or the end of the connection moves that connection to the
+general mode below, where the read is parsed and classified message by message; the
+counts are the same as if the general mode had run from the start.
+
+In the general mode, messages ``[next_rx, tx_seq)`` that are still owed a reply are in
 ``pending`` (sequence number -> intended send time).  A reply that equals what
-``next_rx`` should look like is the fast path.  Otherwise it is classified:
+``next_rx`` should look like is accepted at once.  Otherwise it is classified:
 
 - it names (by its id, or by matching content) a pending message: accepted; if a
   later message already arrived, it counts as **reordered**;
@@ -118,7 +127,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from . import _args
-from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index
+from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
 from ._net import format_address, set_nodelay
 from .exceptions import ProtocolError
 from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameDecoder, FrameFormat
@@ -156,21 +165,27 @@ _ERROR_TEXT = {
 
 _ID = struct.Struct("<QI")  # seq, conn id: the first 12 bytes of every message
 _ID_SIZE = _ID.size
-_pack_id = _ID.pack
+_ID_CID = 8  # where the connection id starts in the id
 _monotonic_ns = time.monotonic_ns
 _PATTERN_SEED = 0x6D736773  # "msgs": the pattern is the same in every run and every version
 _UDP_MAX = 65507  # largest UDP payload over IPv4
 _BIG = 32 * 1024  # bodies at least this large are written from the pattern without a copy
 _TAILS_MAX = 4096  # fixed sizes up to 12 + this use 256 prebuilt tails (at most 1 MiB)
 _RECV_SIZE = 256 * 1024
+_BLOCK_BYTES = 64 * 1024  # stream mode: most wire bytes in one block of messages ...
+_WINDOWS_TOTAL = 64 * 1024 * 1024  # ... and in all windows, unless --depth needs more
 _IOV_MAX = 512
 _HOUSEKEEPING_NS = 20_000_000
 _MAX_EXAMPLES = 8
 _MAX_LOST_REMEMBERED = 4096
 
 _M64 = (1 << 64) - 1
+_LOWS = bytes(range(256))
 _HIST_SIZE = len(Histogram().counts)
 _HALF_BITS = SUB_BITS - 1
+_LAT_GRANULE = 6
+_LAT_HIGH = 1 << 22  # ns; latencies in [_LAT_LOW, _LAT_HIGH) are bucketed by table lookup
+_LAT_LOW, _LAT_TABLE = bucket_table(_LAT_GRANULE, 22)
 
 # Event bits; equal to the epoll ones where epoll exists, and used with the fallback too.
 _IN = getattr(select, "EPOLLIN", 1)
@@ -321,6 +336,23 @@ class _Payloads:
         off = _offset(cid, seq)
         return [idb, self.pat[off : off + n - _ID_SIZE]]
 
+    def ring(self, head: bytes, count: int) -> bytes:
+        """Wire bytes of ``count`` fixed-size messages with zero ids: message ``i`` is
+        ``head``, 12 zero bytes, then the pattern at offset ``i * 167 mod 256``.
+
+        Connection ``cid``'s message ``seq`` is message ``(seq + rotation(cid)) mod 256``
+        of this ring with its id written in (see :meth:`rotation`).
+        """
+        k = self.size_min - _ID_SIZE
+        zero = bytes(_ID_SIZE)
+        pat = self.pattern
+        return b"".join(head + zero + pat[(i * 167) & 255 : ((i * 167) & 255) + k] for i in range(count))
+
+    @staticmethod
+    def rotation(cid: int) -> int:
+        """The ``r`` with ``(seq + r) * 167 = seq * 167 + cid * 29 (mod 256)`` for every seq."""
+        return (cid * 29 * pow(167, -1, 256)) & 255
+
     def expected(self, cid: int, seq: int) -> bytes:
         """The exact reply expected for message ``seq`` (for error reports)."""
         body = b"".join(self.body_parts(cid, seq, self.size_of(cid, seq)))
@@ -458,11 +490,18 @@ class _Conn:
         "next_rx",
         "out",
         "pending",
+        "rot",
+        "rx",
         "rx_max",
         "sent_log",
         "sock",
         "state",
+        "stream",
         "tx_seq",
+        "win",
+        "wlog",
+        "wmv",
+        "wtop",
     )
 
     def __init__(self, cid: int, sock: socket.socket) -> None:
@@ -482,6 +521,14 @@ class _Conn:
         self.sent_log: deque[tuple[int, int]] = deque()
         self.backlog: deque[int] = deque()  # open loop: intended times waiting for a depth slot
         self.lost: set[int] = set()  # seqs declared lost, so a late reply is not a duplicate
+        # Stream mode (see _Worker._stream_round); off until _connected turns it on.
+        self.stream = False
+        self.win = bytearray()  # circular: message s at slot s mod window (_extend_window)
+        self.wmv = memoryview(self.win)
+        self.wtop = 0  # messages below this are built in the window
+        self.rx = 0  # verified bytes of the reply stream
+        self.wlog: deque[tuple[int, int]] = deque()  # (end seq of a write, time written)
+        self.rot = _Payloads.rotation(cid)  # pattern rotation of this connection, in messages
 
 
 # -- the worker: one event loop -----------------------------------------------------------
@@ -543,27 +590,50 @@ class _Worker:
         self._rr = 0
         self._lat_min: int | None = None
         self._lat_max: int | None = None
-        # The fused fast path counts into these plain ints; _fold() moves them into the
-        # counters above and the histogram summary.
+        # Stream mode counts into these plain ints; _fold() moves them into the counters
+        # above and the histogram summary.
         self._lat_sum = 0
         self._lat_lo = 1 << 62
         self._lat_hi = -1
         self._measured = 0
         self._ok_fast = 0
         self._sent_fast = 0
-        self._fast_k = cfg.size_min - _ID_SIZE
         self._depth = cfg.depth
-        self._tails = self.payloads.tails
-        self._fast_head = b""
-        self.fast = (
+        # Stream mode (the common case): TCP, closed loop, echo, one fixed size, no extra
+        # header fields.  See _stream_round.
+        self.stream = (
             not cfg.udp
             and cfg.rate is None
+            and cfg.expect == "echo"
             and cfg.size_min == cfg.size_max
             and _ID_SIZE < cfg.size_min < _BIG
             and not self.payloads.fields
         )
-        if self.fast:
-            self._fast_head = cfg.frame.encode_header(cfg.size_min)
+        self._mlen = 0  # wire bytes of one message (header + body)
+        self._hlen = 0  # wire bytes of the frame header (where the id starts)
+        self._consts: list[bytes] = []  # _block copies of each byte value (id columns)
+        self._block = 0  # messages per block
+        self._window = 0  # messages per connection window (a multiple of _block)
+        self._wbytes = 0
+        self._ring = memoryview(b"")
+        if self.stream:
+            head = cfg.frame.encode_header(cfg.size_min)
+            ml = len(head) + cfg.size_min
+            self._hlen = len(head)
+            self._mlen = ml
+            # Blocks big enough that building one is rare, small enough that the windows
+            # of many connections stay in memory (and the busy part of them in cache).
+            budget = _WINDOWS_TOTAL // max(1, share.connections)
+            block = 256
+            while block > 1 and (block * ml > _BLOCK_BYTES or 2 * block * ml > budget):
+                block //= 2
+            self._block = block
+            # The smallest multiple of block that holds depth messages in flight plus the
+            # block being built: slots are rewritten only once their replies are verified.
+            self._window = -(-(cfg.depth + block) // block) * block
+            self._wbytes = self._window * ml
+            self._ring = memoryview(self.payloads.ring(head, 256 + block))
+            self._consts = [bytes([v]) * block for v in range(256)]
         self.final_tick: dict[str, Any] | None = None
 
     # -- errors -------------------------------------------------------------------------
@@ -577,6 +647,8 @@ class _Worker:
         """End a connection; ``kind`` None means we closed it ourselves (end of run)."""
         if c.state == _DEAD:
             return
+        if c.stream:
+            self._to_general(c)  # so what it still owed is counted below
         was_open = c.state == _OPEN
         c.state = _DEAD
         if kind is not None and not self.stop_requested:
@@ -641,7 +713,10 @@ class _Worker:
         c.state = _OPEN
         if not self.udp:
             set_nodelay(c.sock)
-            c.decoder = FrameDecoder(self.frame)
+            if self.stream:
+                c.stream = True  # the decoder is made if it ever leaves stream mode
+            else:
+                c.decoder = FrameDecoder(self.frame)
         if c.events:
             self.ep.modify(c.fd, _IN)
         else:
@@ -847,6 +922,10 @@ class _Worker:
             self.ep.modify(c.fd, want)
 
     def _refill(self, c: _Conn, now: int) -> None:
+        if c.stream:
+            if self.sending:
+                self._fill_stream(c, now)
+            return
         room = self.cfg.depth - len(c.pending)
         if room <= 0 or c.state != _OPEN:
             return
@@ -910,7 +989,7 @@ class _Worker:
 
     # -- receiving ----------------------------------------------------------------------
 
-    def _on_read(self, c: _Conn) -> None:
+    def _on_read(self, c: _Conn, now: int = 0) -> None:
         try:
             n = c.sock.recv_into(self._buf)
         except BlockingIOError:
@@ -931,133 +1010,305 @@ class _Worker:
         if msgs:
             self._on_messages(c, msgs, time.monotonic_ns())
 
-    def _on_read_fast(self, c: _Conn) -> None:
-        """:meth:`_on_read` + :meth:`_on_messages` + :meth:`_refill` fused, for the common
-        case (TCP, closed loop, one fixed size of 13 bytes to 32 KiB, no header fields).
+    # -- stream mode ----------------------------------------------------------------------
+    #
+    # The common case (TCP, closed loop, echo, one fixed size of 13 bytes to 32 KiB, no
+    # extra header fields) does not parse replies one by one.  An echo server returns,
+    # on each connection, exactly the bytes that were written, in order.  So each
+    # connection has a circular *window* holding the wire bytes of its messages, message
+    # ``s`` in slot ``s mod _window``, built ahead a block at a time (_extend_window).  A
+    # write sends the next slots; a read is verified with one comparison against the
+    # window (a whole read's worth of replies, headers included, in one memcmp; two where
+    # the window wraps).  A read that verifies costs no per-message Python work: messages
+    # completed = verified bytes // message size, and latencies come from the write log,
+    # one entry per write (every message of a write shares its send time and every message
+    # completed by a read its read time, as in the C load generator).  A slot is rebuilt
+    # only after its reply was verified, so the window is depth + one block, which keeps
+    # the busy part of every window small enough to stay in cache.
+    #
+    # The first read that does not match, a timeout, or the end of the connection turns
+    # the connection into the general mode for good (_to_general): the verified part of
+    # an unfinished reply is fed to a fresh FrameDecoder, ``pending`` is rebuilt from the
+    # write log, and the mismatching read is parsed and classified message by message,
+    # exactly as if the general mode had been used from the start (SPEC §6.3).
 
-        Every step is the same as on the general path; fusing them saves about a third of
-        the Python time per message, which at depth 1 is the difference between the
-        client and the server being the bottleneck (SPEC §8).
+    def _stream_round(self, events: list[tuple[int, int]], now: int) -> None:
+        """Handle the events of one poll in stream mode: per readable connection, one
+        read verified with one comparison, then one write of the replacements.
+
+        The hot path (SPEC §8): state lives in locals, the worker's counters are
+        updated once per round, and no method is called for a read that verifies.
         """
-        sock = c.sock
-        try:
-            n = sock.recv_into(self._buf)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._kill(c, "reset", f"receive: {exc.strerror or exc}")
-            return
-        if n == 0:
-            self._kill(c, "closed", f"closed by the server after {c.next_rx} messages")
-            return
-        self.wire_in += n
-        try:
-            msgs = c.decoder.feed(self._mv[:n])  # type: ignore[union-attr]
-        except ProtocolError as exc:
-            self._kill(c, "protocol", f"bad frame from the server: {exc}")
-            return
-        if not msgs:
-            return
-        now = _monotonic_ns()
-        pending = c.pending
-        match = self._match
-        cid = c.cid
+        conns = self.conns
+        buf = self._buf
+        mv = self._mv
+        ml = self._mlen
+        depth = self._depth
+        window = self._window
+        wbytes = self._wbytes
         t_start = self.t_start
         counts = self.hist.counts
-        ok = 0
-        for m in msgs:
+        table = _LAT_TABLE
+        refill = self.sending
+        plain = self.budget is None  # with --messages, refills go through _fill_stream
+        ev_in = _IN | _ERR | _HUP
+        ev_out = _OUT
+        is_open = _OPEN
+        got = sent = bytes_in = 0
+        lsum = measured = 0
+        hi = self._lat_hi
+        lo = self._lat_lo
+        for fd, ev in events:
+            c = conns.get(fd)
+            if c is None:
+                if fd == self.control_fd:
+                    self._on_control()
+                continue
+            if ev & ev_out:
+                self._flush(c)
+            if not ev & ev_in or c.state != is_open:
+                continue
+            if not c.stream:
+                self._on_read(c, now)
+                continue
+            try:
+                n = c.sock.recv_into(buf)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._kill(c, "reset", f"receive: {exc.strerror or exc}")
+                continue
+            if n == 0:
+                self._kill(c, "closed", f"closed by the server after {c.next_rx} messages")
+                continue
+            bytes_in += n
+            rx = c.rx
+            # Never more than is owed (a duplicate, say), and byte for byte what was sent.
+            if n > c.tx_seq * ml - rx:
+                self._stream_mismatch(c, n)
+                continue
+            off = rx % wbytes
+            if off + n <= wbytes:
+                if not c.win.startswith(mv[:n], off):
+                    self._stream_mismatch(c, n)
+                    continue
+            elif not (c.win.startswith(mv[: wbytes - off], off) and c.win.startswith(mv[wbytes - off : n])):
+                self._stream_mismatch(c, n)
+                continue
+            rx += n
+            c.rx = rx
+            done = rx // ml
             s = c.next_rx
-            tx = c.tx_seq
-            if s < tx and match(m, cid, s):
-                t = pending.pop(s)
-                if s < c.rx_max:
-                    self._error("reordered", f"conn {cid} seq {s}: reply after that of seq {c.rx_max}")
-                s += 1
-                while s < tx and s not in pending:
-                    s += 1
-                c.next_rx = s
-                ok += 1
+            if done == s:  # only part of a reply so far
+                continue
+            c.next_rx = done
+            got += done - s
+            log = c.wlog
+            while s < done:
+                end, t = log[0]
+                if end <= done:
+                    log.popleft()
+                    k = end - s
+                    s = end
+                else:
+                    k = done - s
+                    s = done
                 if t >= t_start:
+                    # The messages of one write share one latency, so they are counted
+                    # once with their multiplicity.  Bucket: a table lookup for the usual
+                    # 8 us - 4 ms, else _histogram.bucket_index inlined.
                     lat = now - t
-                    shift = lat.bit_length() - SUB_BITS
-                    if shift > 0:
-                        idx = (shift << _HALF_BITS) + (lat >> shift)
-                        counts[idx if idx < _HIST_SIZE else _HIST_SIZE - 1] += 1
+                    if _LAT_LOW <= lat < _LAT_HIGH:
+                        counts[table[lat >> _LAT_GRANULE]] += k
                     else:
-                        counts[lat if lat >= 0 else 0] += 1
-                    self._lat_sum += lat
-                    if lat > self._lat_hi:
-                        self._lat_hi = lat
-                    if lat < self._lat_lo:
-                        self._lat_lo = lat
-                    self._measured += 1
-            else:
-                self._classify(c, m, now)
-        if ok:
-            self.inflight -= ok
-            self._ok_fast += ok
+                        shift = lat.bit_length() - SUB_BITS
+                        if shift > 0:
+                            idx = (shift << _HALF_BITS) + (lat >> shift)
+                            counts[idx if idx < _HIST_SIZE else _HIST_SIZE - 1] += k
+                        else:
+                            counts[lat if lat > 0 else 0] += k
+                    lsum += lat * k
+                    measured += k
+                    if lat > hi:
+                        hi = lat
+                    if lat < lo:
+                        lo = lat
+            if not refill:
+                continue
+            if not plain:
+                self._fill_stream(c, now)
+                continue
+            # Refill: the replacements of every reply of this read, in one write.
+            s0 = c.tx_seq
+            s1 = done + depth
+            if s1 > c.wtop:
+                self._extend_window(c, s1)
+            log.append((s1, now))
+            c.tx_seq = s1
+            sent += s1 - s0
+            a = s0 % window * ml
+            b = a + (s1 - s0) * ml
+            if b > wbytes or c.out:
+                self._write_window(c, s0, s1)
+                continue
+            try:
+                w = c.sock.send(c.wmv[a:b])
+            except BlockingIOError:
+                w = 0
+            except OSError as exc:
+                self._kill(c, "reset", f"send: {exc.strerror or exc}")
+                continue
+            if w < b - a:
+                self._queue(c, c.wmv[a + w : b].tobytes())
+        self.wire_in += bytes_in
+        if got:
+            self.inflight -= got
+            self._ok_fast += got
             self.last_ok = now
-        # refill: the replacements of every reply of this read go out in one write
-        if c.state != _OPEN or not self.sending:
+            if measured:
+                self._lat_sum += lsum
+                self._measured += measured
+                self._lat_hi = hi
+                self._lat_lo = lo
+        if sent:
+            self.inflight += sent
+            self._sent_fast += sent
+            self.wire_out += sent * ml
+            if now >= t_start:
+                self.sent += sent
+
+    def _fill_stream(self, c: _Conn, now: int) -> None:
+        """Stream mode: top ``c`` up to ``--depth`` messages in flight, in one write."""
+        room = self._depth - (c.tx_seq - c.next_rx)
+        if room <= 0 or c.state != _OPEN:
             return
-        room = self._depth - len(pending)
-        if room <= 0:
-            return
-        if self.budget is not None and now >= t_start:
+        if self.budget is not None and now >= self.t_start:
             room = min(room, self.budget)
             if room <= 0:
                 return
             self.budget -= room
         s0 = c.tx_seq
-        head = self._fast_head
-        tails = self._tails
-        if room == 1 and tails:  # depth 1: no list to build and join
-            pending[s0] = now
-            data = head + _pack_id(s0, cid) + tails[(s0 * 167 + cid * 29) & 255]
-        else:
-            pack = _pack_id
-            pieces: list[bytes | memoryview] = []
-            ap = pieces.append
-            if tails:
-                for s in range(s0, s0 + room):
-                    pending[s] = now
-                    ap(head)
-                    ap(pack(s, cid))
-                    ap(tails[(s * 167 + cid * 29) & 255])
-            else:
-                k = self._fast_k
-                pat = self.payloads.pat
-                for s in range(s0, s0 + room):
-                    pending[s] = now
-                    off = (s * 167 + cid * 29) & 255
-                    ap(head)
-                    ap(pack(s, cid))
-                    ap(pat[off : off + k])
-            data = b"".join(pieces)
-        c.tx_seq = s0 + room
+        s1 = s0 + room
+        if s1 > c.wtop:
+            self._extend_window(c, s1)
+        c.wlog.append((s1, now))
+        c.tx_seq = s1
         self.inflight += room
         self._sent_fast += room
-        if now >= t_start:
+        if now >= self.t_start:
             self.sent += room
-        self.wire_out += len(data)
+        self.wire_out += room * self._mlen
+        self._write_window(c, s0, s1)
+
+    def _write_window(self, c: _Conn, s0: int, s1: int) -> None:
+        """Send messages ``[s0, s1)`` from the window (queued behind unsent bytes)."""
+        ml = self._mlen
+        wbytes = self._wbytes
+        a = s0 % self._window * ml
+        b = a + (s1 - s0) * ml
+        wmv = c.wmv
+        pieces = [wmv[a:b]] if b <= wbytes else [wmv[a:], wmv[: b - wbytes]]
         if c.out:
-            c.out.append(data)
+            c.out.extend(p.tobytes() for p in pieces)
             self._flush(c)
             return
         try:
-            sent = sock.send(data)
+            w = c.sock.send(pieces[0]) if len(pieces) == 1 else c.sock.sendmsg(pieces)
         except BlockingIOError:
-            sent = 0
+            w = 0
         except OSError as exc:
             self._kill(c, "reset", f"send: {exc.strerror or exc}")
             return
-        if sent < len(data):
-            c.out = [memoryview(data)[sent:]]
-            if c.events != _IN | _OUT:
-                c.events = _IN | _OUT
-                self.ep.modify(c.fd, _IN | _OUT)
+        if w < b - a:
+            self._queue(c, b"".join(p.tobytes() for p in pieces)[w:])
 
-    def _on_read_udp(self, c: _Conn) -> None:
+    def _queue(self, c: _Conn, rest: bytes) -> None:
+        """Keep bytes the socket did not take (a copy: window slots are rebuilt later)."""
+        c.out.append(rest)
+        if c.events != _IN | _OUT:
+            c.events = _IN | _OUT
+            self.ep.modify(c.fd, _IN | _OUT)
+
+    def _extend_window(self, c: _Conn, s1: int) -> None:
+        """Build blocks in ``c``'s window until it holds message ``s1 - 1``.
+
+        A block is ``_block`` messages starting at a multiple of ``_block`` (at most
+        256), so within it only the low byte of the sequence number changes: it is one
+        copy from the shared ring (``_Payloads.ring``, rotated for this connection) and
+        one strided write per nonzero id byte.  Its slots held messages a whole window
+        earlier, whose replies were verified (``s1 <= next_rx + depth``).
+        """
+        ml = self._mlen
+        block = self._block
+        window = self._window
+        first = self._hlen  # where the id starts in each message
+        size = block * ml
+        if not c.win:
+            c.win = bytearray(self._wbytes)
+            c.wmv = memoryview(c.win)
+        win = c.win
+        ring = self._ring
+        consts = self._consts
+        # (position, value) of the nonzero connection id bytes; zero bytes come with the ring
+        cid_columns = [(first + _ID_CID + i, v) for i, v in enumerate(c.cid.to_bytes(4, "little")) if v]
+        while c.wtop < s1:
+            b = c.wtop
+            off = b % window * ml
+            end = off + size
+            j = (b + c.rot) & 255
+            win[off:end] = ring[j * ml : j * ml + size]
+            low = b & 255
+            win[off + first : end : ml] = _LOWS[low : low + block]
+            high = b >> 8  # the other sequence bytes, the same in the whole block
+            p = off + first + 1
+            while high:
+                if high & 255:
+                    win[p:end:ml] = consts[high & 255]
+                high >>= 8
+                p += 1
+            for p, v in cid_columns:
+                win[off + p : end : ml] = consts[v]
+            c.wtop = b + block
+
+    def _stream_mismatch(self, c: _Conn, n: int) -> None:
+        """A read that is not the next expected bytes: parse and classify it per message."""
+        data = self._mv[:n].tobytes()
+        self._to_general(c)
+        assert c.decoder is not None
+        try:
+            msgs = c.decoder.feed(data)
+        except ProtocolError as exc:
+            self._kill(c, "protocol", f"bad frame from the server: {exc}")
+            return
+        if msgs:
+            self._on_messages(c, msgs, time.monotonic_ns())
+
+    def _to_general(self, c: _Conn) -> None:
+        """Leave stream mode for good: rebuild the general mode's per-message state."""
+        if not c.stream:
+            return
+        c.stream = False
+        decoder = FrameDecoder(self.frame)
+        part = c.rx % self._mlen
+        if part:  # the verified start of an unfinished reply
+            a = (c.rx - part) % self._wbytes
+            b = a + part
+            head = (
+                c.wmv[a:b].tobytes() if b <= self._wbytes else c.wmv[a:].tobytes() + c.wmv[: b - self._wbytes]
+            )
+            decoder.feed(head)
+        c.decoder = decoder
+        pending = c.pending
+        s = c.next_rx
+        for end, t in c.wlog:
+            for x in range(s, end):
+                pending[x] = t
+            s = end
+        c.wlog.clear()
+        c.win = bytearray()
+        c.wmv = memoryview(c.win)
+
+    def _on_read_udp(self, c: _Conn, now: int = 0) -> None:
         sock = c.sock
         msgs = []
         try:
@@ -1240,6 +1491,12 @@ class _Worker:
     def _check_timeouts(self, now: int) -> None:
         limit = now - self.timeout_ns
         for c in list(self.live):
+            if c.stream:
+                # The oldest unanswered message of a stream connection is the first of
+                # the oldest write in its log; past the timeout, classify per message.
+                if not c.wlog or c.wlog[0][1] > limit:
+                    continue
+                self._to_general(c)
             if not c.pending:
                 continue
             # The clock of a message starts when it is written: in closed loop that is its
@@ -1335,7 +1592,9 @@ class _Worker:
         conns = self.conns
         control_fd = self.control_fd
         udp = self.udp
-        on_read = self._on_read_udp if udp else (self._on_read_fast if self.fast else self._on_read)
+        on_read = self._on_read_udp if udp else self._on_read
+        stream = self.stream
+        stream_round = self._stream_round
         flush = self._flush_udp if udp else self._flush
         ep_fd = self.ep.fileno() if hasattr(self.ep, "fileno") else -1
         ev_in, ev_out, is_open = _IN | _ERR | _HUP, _OUT, _OPEN
@@ -1408,7 +1667,16 @@ class _Worker:
                 timeout = (left // 1_000_000 - 1) / 1000  # whole ms, so it never oversleeps
             else:
                 timeout = -(-left // 1_000_000) / 1000
-            for fd, ev in poll(timeout):
+            events = poll(timeout)
+            if not events:
+                continue
+            # One clock reading per poll: the time of every reply read and every message
+            # written in this round, as in the C load generator.
+            now = _monotonic_ns()
+            if stream:
+                stream_round(events, now)
+                continue
+            for fd, ev in events:
                 conn = conns.get(fd)
                 if conn is None:
                     if fd == control_fd:
@@ -1417,7 +1685,7 @@ class _Worker:
                 if ev & ev_out:
                     flush(conn)
                 if ev & ev_in and conn.state == is_open:
-                    on_read(conn)
+                    on_read(conn, now)
         now = time.monotonic_ns()
         if self.t_stop_sending is None:
             self.t_stop_sending = now
