@@ -150,6 +150,8 @@ def test_oversize_frame_closes_only_that_connection(engine: str) -> None:
         assert "4000000000" in line and "1000" in line
         assert server.stop() == 0
         assert "Traceback" not in server.log
+        summary = next(line for line in server.stdout if line.startswith("summary:"))
+        assert summary.rstrip().endswith("1 errors (1 message too large)"), summary
 
 
 @pytest.mark.parametrize("engine", ENGINES)

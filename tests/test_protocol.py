@@ -20,6 +20,7 @@ from msgsock.protocol import (
     ServerStatistics,
     State,
     Statistics,
+    error_kind,
 )
 
 
@@ -352,6 +353,7 @@ def test_server_statistics_summary() -> None:
         "active": 1,
         "rejected": 1,
         "errors": 2,
+        "error_kinds": {},
         "messages_received": 1,
         "messages_sent": 1,
         "bytes_received": 6,
@@ -429,3 +431,37 @@ def test_receive_and_reply_keeps_replies_before_a_handler_error() -> None:
     with pytest.raises(RuntimeError):
         proto.receive_and_reply(encode(b"ok") + encode(b"boom"), handler)
     assert b"".join(proto.data_to_send()) == encode(b"ok")
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("message size 4000000000 exceeds max_size 1000", "message too large"),
+        ("idle timeout: nothing received for 1 s", "idle timeout"),
+        ("message timeout: a frame was not completed within 30 s", "message timeout"),
+        ("handshake timeout: no PROXY header within 10 s", "handshake timeout"),
+        ("authentication failed: the peer does not know the key", "authentication"),
+        ("TLS handshake failed: certificate unknown", "tls"),
+        ("bad PROXY header signature", "proxy protocol"),
+        ("handler raised ValueError: boom", "handler error"),
+        ("connection reset by peer", "reset"),
+        ("something new", "other"),
+    ],
+)
+def test_error_kind_names_the_limit_or_check(reason: str, kind: str) -> None:
+    """error_kind maps the servers' close reasons to the short kinds of the summary."""
+    assert error_kind(reason) == kind
+
+
+def test_server_statistics_summary_and_merge_count_errors_by_kind() -> None:
+    """count_error counts by kind; summary lists the kinds; add_server merges them."""
+    a = ServerStatistics(connections=2)
+    a.count_error("idle timeout: nothing received for 1 s")
+    a.count_error("idle timeout: nothing received for 1 s")
+    b = ServerStatistics(connections=1)
+    b.count_error("connection reset by peer")
+    a.add_server(b)
+    assert (a.connections, a.errors) == (3, 3)
+    assert a.error_kinds == {"idle timeout": 2, "reset": 1}
+    assert a.summary().endswith("3 errors (2 idle timeout, 1 reset)")
+    assert ServerStatistics(**a.as_dict()) == a

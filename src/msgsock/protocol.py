@@ -29,13 +29,21 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import InvalidState, MessageTooLarge, ProtocolError
 from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat
 
-__all__ = ["DEFAULT_LIMITS", "Limits", "MessageProtocol", "ServerStatistics", "State", "Statistics"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Limits",
+    "MessageProtocol",
+    "ServerStatistics",
+    "State",
+    "Statistics",
+    "error_kind",
+]
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ class Statistics:
         self.bytes_received += other.bytes_received
         self.bytes_sent += other.bytes_sent
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         """The counters as a plain dict."""
         return {
             "messages_received": self.messages_received,
@@ -462,6 +470,37 @@ class MessageProtocol:
                 n = 0
 
 
+_ERROR_KINDS = (
+    ("message size", "message too large"),
+    ("idle timeout", "idle timeout"),
+    ("message timeout", "message timeout"),
+    ("handshake timeout", "handshake timeout"),
+    ("did not complete within", "handshake timeout"),
+    ("shutdown_timeout", "shutdown deadline"),
+    ("authentication", "authentication"),
+    ("TLS", "tls"),
+    ("PROXY", "proxy protocol"),
+    ("handler raised", "handler error"),
+    ("reset", "reset"),
+    ("broken pipe", "reset"),
+    ("stream ended", "incomplete message"),
+    ("incomplete", "incomplete message"),
+    ("close_timeout", "close timeout"),
+)
+
+
+def error_kind(reason: str) -> str:
+    """The kind of an abnormal end, from the reason the servers log (for the summary).
+
+    The servers' reasons start with the limit or the check that fired (SPEC §7): this
+    maps them to a short name such as ``idle timeout`` or ``message too large``.
+    """
+    for needle, kind in _ERROR_KINDS:
+        if needle in reason:
+            return kind
+    return "other"
+
+
 @dataclass
 class ServerStatistics(Statistics):
     """Counters of a server, for its shutdown summary (SPEC §6.1)."""
@@ -474,21 +513,44 @@ class ServerStatistics(Statistics):
     """Connections closed at once because a limit (max connections, threads) was reached."""
     errors: int = 0
     """Connections that ended abnormally: protocol errors, resets, timeouts, handler errors."""
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    """``errors`` by kind (see :func:`error_kind`)."""
+
+    def count_error(self, reason: str) -> None:
+        """Count one abnormal end, under the kind of ``reason``."""
+        self.errors += 1
+        kind = error_kind(reason)
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
+
+    def add_server(self, other: ServerStatistics) -> None:
+        """Add every counter of another server's statistics into these."""
+        self.add(other)
+        self.connections += other.connections
+        self.active += other.active
+        self.rejected += other.rejected
+        self.errors += other.errors
+        for kind, n in other.error_kinds.items():
+            self.error_kinds[kind] = self.error_kinds.get(kind, 0) + n
 
     def summary(self) -> str:
-        """One line: connections, messages, bytes, errors."""
+        """One line: connections, messages, bytes, errors (by kind)."""
+        kinds = ", ".join(
+            f"{n} {kind}" for kind, n in sorted(self.error_kinds.items(), key=lambda kv: -kv[1])
+        )
         return (
             f"{self.connections} connections ({self.rejected} rejected), "
             f"{self.messages_received} messages in / {self.messages_sent} out, "
             f"{self.bytes_received} bytes in / {self.bytes_sent} out, {self.errors} errors"
+            + (f" ({kinds})" if kinds else "")
         )
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters as a plain dict."""
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as a plain dict (``error_kinds`` as a nested dict)."""
         return {
             "connections": self.connections,
             "active": self.active,
             "rejected": self.rejected,
             "errors": self.errors,
+            "error_kinds": dict(self.error_kinds),
             **super().as_dict(),
         }

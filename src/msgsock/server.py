@@ -636,7 +636,7 @@ class _Supervisor:
                     _log.info("worker %d restarted (pid %d)", worker.index, worker.pid)
             elif kind == "stats":
                 worker.stats_received = True
-                _accumulate(self.totals, ServerStatistics(**message[1]))
+                self.totals.add_server(ServerStatistics(**message[1]))
             elif kind == "error":  # it could not listen; it exits next
                 worker.error = (message[1], message[2])
 
@@ -655,15 +655,6 @@ class _Supervisor:
         with contextlib.suppress(ValueError):
             process.close()
         return code
-
-
-def _accumulate(totals: ServerStatistics, stats: ServerStatistics) -> None:
-    """Add every counter of ``stats`` (a worker's, a server's) into ``totals``."""
-    totals.add(stats)
-    totals.connections += stats.connections
-    totals.active += stats.active
-    totals.rejected += stats.rejected
-    totals.errors += stats.errors
 
 
 def _describe_exit(code: int | None) -> str:
@@ -763,5 +754,5 @@ async def _worker_serve(
             await server.wait_closed()
     totals = ServerStatistics()
     for server in servers:
-        _accumulate(totals, server.statistics())
+        totals.add_server(server.statistics())
     return totals

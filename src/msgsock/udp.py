@@ -194,7 +194,7 @@ class _DatagramPump:
 
     def statistics(self) -> ServerStatistics:
         with self.lock:
-            return dataclasses.replace(self.stats)
+            return dataclasses.replace(self.stats, error_kinds=dict(self.stats.error_kinds))
 
     def pump(self, limit: int = _BURST) -> None:
         """Handle up to ``limit`` waiting datagrams; return early when none is left."""
@@ -213,11 +213,11 @@ class _DatagramPump:
                 # sockets): the datagram it concerns is gone, there is nothing to answer.
                 continue
             except OSError as exc:
-                self.count_error()
+                self.count_error("receive failed")
                 self.log.warning("udp receive failed: %s", exc)
                 return
             if n > max_size:
-                self.count_error()
+                self.count_error("message size")
                 self.log.warning(
                     "%s: dropped a datagram of %s: above max_size %d",
                     format_address(peer),
@@ -241,7 +241,7 @@ class _DatagramPump:
             self.send_reply(reply, peer)
 
     def handler_failed(self, peer: Any, exc: BaseException) -> None:
-        self.count_error()
+        self.count_error("handler raised")
         self.log.error(
             "%s: handler raised %s: %s; no reply",
             format_address(peer),
@@ -268,12 +268,12 @@ class _DatagramPump:
                     self.stats.messages_sent += 1
                     self.stats.bytes_sent += size
                 return
-        self.count_error()
+        self.count_error(str(reason))
         self.log.warning("%s: reply dropped: %s", format_address(peer), reason)
 
-    def count_error(self) -> None:
+    def count_error(self, reason: str) -> None:
         with self.lock:
-            self.stats.errors += 1
+            self.stats.count_error(reason)
 
 
 # -- the blocking server ---------------------------------------------------------------------

@@ -568,6 +568,7 @@ def test_context_manager_and_summary(harness: Harness) -> None:
         "active": 0,
         "rejected": 0,
         "errors": 0,
+        "error_kinds": {},
         "messages_received": 3,
         "messages_sent": 3,
         "bytes_received": 27,

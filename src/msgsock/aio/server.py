@@ -679,7 +679,7 @@ class Server:
         self._totals = Statistics()  # counters of connections that have ended
         self._accepted = 0
         self._rejected = 0
-        self._errors = 0
+        self._errors = ServerStatistics()  # only its error counters are used
         self._closing = False
         self._deadline = 0.0
         self._stopped = asyncio.Event()
@@ -758,7 +758,8 @@ class Server:
             connections=self._accepted,
             active=len(self._connections) + len(self._handshaking),
             rejected=self._rejected,
-            errors=self._errors,
+            errors=self._errors.errors,
+            error_kinds=dict(self._errors.error_kinds),
         )
         stats.add(self._totals)
         for conn in self._connections:
@@ -906,7 +907,7 @@ class Server:
         if pending not in self._handshaking:
             return  # rejected, or already aborted by close()
         self._handshaking.discard(pending)
-        self._errors += 1
+        self._errors.count_error(reason)
         self.logger.warning("%s closed: %s", pending.peer, reason)
         self._check_all_closed()
 
@@ -932,11 +933,11 @@ class Server:
     def _connection_failed(self, conn: _Conn, reason: str) -> None:
         if conn not in self._connections:
             return
-        self._errors += 1
+        self._errors.count_error(reason)
         self.logger.warning("%s closed: %s", conn.peer, reason)
 
     def _handler_failed(self, conn: _Conn, exc: BaseException) -> None:
-        self._errors += 1
+        self._errors.count_error("handler raised")
         self.logger.error(
             "%s closed: handler raised %s: %s", conn.peer, type(exc).__name__, exc, exc_info=exc
         )

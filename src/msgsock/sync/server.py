@@ -260,7 +260,7 @@ class ThreadedServer:
     def statistics(self) -> ServerStatistics:
         """Return the counters so far: ended connections plus the live ones."""
         with self._lock:
-            stats = dataclasses.replace(self._stats)
+            stats = dataclasses.replace(self._stats, error_kinds=dict(self._stats.error_kinds))
             for conn in self._connections:
                 stats.add(conn._protocol.stats)
         return stats
@@ -511,7 +511,7 @@ class ThreadedServer:
                 self._stats.add(stats)
                 self._stats.active -= 1
                 if failure is not None:
-                    self._stats.errors += 1
+                    self._stats.count_error(failure)
             if failure is None:
                 log.info(
                     "%s disconnected (%d messages in, %d out)",
@@ -532,7 +532,7 @@ class ThreadedServer:
                 self._handshaking.pop(slot, None)
                 self._stats.active -= 1
                 if not slot.woken:
-                    self._stats.errors += 1
+                    self._stats.count_error(exc.reason)
             if slot.woken:  # the server is stopping: not the peer's fault
                 self._log.info("%s closed during the handshake: server shutting down", exc.peer)
             else:
@@ -542,7 +542,7 @@ class ThreadedServer:
             with self._lock:
                 self._handshaking.pop(slot, None)
                 self._stats.active -= 1
-                self._stats.errors += 1
+                self._stats.count_error("internal error")
             self._log.error("%s closed: internal error: %r", peer, exc, exc_info=exc)
             self._reset(slot.sock)
             return
