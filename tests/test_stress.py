@@ -36,6 +36,8 @@ ERROR_KINDS = (
     "aborted",
     "refused",
     "timeout",
+    "tls",
+    "auth",
     "closed",
     "reset",
     "protocol",

@@ -51,6 +51,23 @@ or **reset** by the server mid-run, or send bytes that break the frame format
 (**protocol**) are counted per connection; the messages they still owed are
 **aborted**.  Every kind is counted separately; any of them makes the exit status 1.
 
+TLS and authentication (``--tls``/``--tls-ca``/``--tls-cert``, ``--auth-key-file``;
+SPEC §4.2, §7): while the connections open, each one runs, after its TCP connect, the
+TLS handshake and then the client side of the shared-key handshake
+(:class:`msgsock.auth.ClientHandshake`), non-blocking in the same poll loop as the
+connects, so many connections handshake at once and ``--connect-rate`` still paces
+them; TCP connect and handshakes together must finish within ``--timeout``.  A
+connection whose TLS handshake fails (an untrusted or expired certificate, a server
+that does not speak TLS) counts as **tls**, one whose authentication fails (a wrong
+key, a server without a key) as **auth**; the first reason of each is printed with the
+verdict.  The load itself runs over the ``ssl.SSLSocket``: reads drain what the TLS
+layer has decrypted (one read of the loop may take several TLS records), writes go
+out one buffer at a time (``SSL_write`` must be retried with the same bytes, and
+``sendmsg`` does not exist over TLS), and stream mode works unchanged on the
+decrypted bytes.  With TLS 1.3 a server that refuses *our* certificate says so only
+after the client's handshake: that shows on the connection's first read, as **tls**
+(an alert) or as **closed**/**reset** with a hint about the client certificate.
+
 Closed loop (default): each connection keeps ``--depth`` messages in flight and sends
 the replacements for all the replies of one read in one write.  Open loop
 (``--rate R``): message ``k`` is due at ``t0 + k / R``, assigned to connections round
@@ -79,6 +96,7 @@ when they do)::
                  "workers": int, "timeout_s": float, "expect": "echo" | "reverse"},
       "connections": {"requested": int, "established": int, "failed": int,
                       "connect_s": float},
+      "security": {"tls": bool, "client_cert": bool, "auth": bool},
       "elapsed_s": float,             # measurement window
       "interrupted": bool,            # stopped by SIGINT/SIGTERM
       "messages": {"sent": int, "verified": int, "in_flight": int, "unsent": int,
@@ -90,8 +108,8 @@ when they do)::
       "latency_us": {"count": int, "min": float, "mean": float, "p50": float,
                      "p90": float, "p99": float, "p99_9": float, "max": float},
       "errors": {"lost": int, "duplicated": int, "reordered": int, "corrupted": int,
-                 "aborted": int, "refused": int, "timeout": int, "closed": int,
-                 "reset": int, "protocol": int},
+                 "aborted": int, "refused": int, "timeout": int, "tls": int, "auth": int,
+                 "closed": int, "reset": int, "protocol": int},
       "errors_total": int,
       "error_examples": [str, ...],   # the first few, with connection and sequence
       "intervals": [{"start_s": float, "end_s": float, "msgs": int, "bytes": int,
@@ -117,19 +135,23 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from . import _args
+from ._handshake import ssl_error_text, stage_name
 from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
 from ._net import format_address, set_nodelay
-from .exceptions import ProtocolError
+from .auth import MAGIC as _AUTH_MAGIC
+from .auth import ClientHandshake, new_nonce
+from .exceptions import HandshakeError, ProtocolError
 from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameDecoder, FrameFormat
 
 __all__ = ["ERROR_KINDS", "StressConfig", "configure_parser", "run"]
@@ -144,6 +166,8 @@ ERROR_KINDS = (
     "aborted",
     "refused",
     "timeout",
+    "tls",
+    "auth",
     "closed",
     "reset",
     "protocol",
@@ -158,6 +182,8 @@ _ERROR_TEXT = {
     "aborted": ("message", "aborted: still owed a reply when its connection ended"),
     "refused": ("connection", "refused"),
     "timeout": ("connection", "timed out while connecting (--timeout {timeout:g} s)"),
+    "tls": ("connection", "failed TLS"),
+    "auth": ("connection", "failed authentication"),
     "closed": ("connection", "closed by the server before the end of the run"),
     "reset": ("connection", "reset (or failed with a socket error) during the run"),
     "protocol": ("connection", "broke the frame format (the server sent a bad frame header)"),
@@ -178,6 +204,12 @@ _IOV_MAX = 512
 _HOUSEKEEPING_NS = 20_000_000
 _MAX_EXAMPLES = 8
 _MAX_LOST_REMEMBERED = 4096
+_TLS_RECORD = 16 * 1024  # largest TLS record payload: a TLS read needs this much room
+_HANDSHAKE_READ = 4096  # one read of the authentication handshake (a hello is 45 bytes)
+_TLS_RECORD_HEADS = (b"\x15\x03", b"\x16\x03")  # a TLS alert or handshake record
+_SPEAKS_TLS = "the server speaks TLS (a TLS record arrived): use --tls or --tls-ca"
+# What a non-blocking send or receive raises when it has to wait (plain TCP or TLS).
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 _M64 = (1 << 64) - 1
 _LOWS = bytes(range(256))
@@ -225,6 +257,17 @@ class StressConfig:
             connection attempt as timed out).
         expect: ``"echo"`` or ``"reverse"``: what the server replies.
         interval: seconds between live interval lines.
+        tls: speak TLS, verifying the server (TCP only).
+        tls_ca: CA certificates (PEM file) to trust instead of the system's.
+        tls_cert: a client certificate chain (PEM file), for mutual TLS.
+        tls_key: its private key, when not in ``tls_cert``.
+        server_hostname: the name to verify in the server's certificate (default
+            ``host``).
+        auth_key: the shared key of a server that requires the authentication
+            handshake (SPEC §4.2), or None.
+
+    Each worker process builds its own TLS context from the file names (an
+    ``ssl.SSLContext`` cannot be sent to another process).
     """
 
     host: str = "127.0.0.1"
@@ -245,6 +288,24 @@ class StressConfig:
     timeout: float = 5.0
     expect: str = "echo"
     interval: float = 1.0
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    server_hostname: str | None = None
+    auth_key: bytes | None = field(default=None, repr=False)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """Return a new client TLS context for this run (None without TLS).
+
+        Raises:
+            ValueError: a certificate or key file is missing or invalid.
+        """
+        if not self.tls:
+            return None
+        from .tls import client_context
+
+        return client_context(self.tls_ca, self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -475,7 +536,18 @@ def _poller() -> Any:
 
 # -- one connection -----------------------------------------------------------------------
 
-_CONNECTING, _OPEN, _DEAD = 0, 1, 2
+_CONNECTING, _OPEN, _DEAD, _SECURING = 0, 1, 2, 3
+
+
+class _Setup:
+    """A connection's TLS and authentication handshakes while it opens (SPEC §4.2, §7)."""
+
+    __slots__ = ("auth", "out", "stage")
+
+    def __init__(self, stage: str, auth: ClientHandshake | None) -> None:
+        self.stage = stage  # "tls", then "auth" (the names of _handshake.STAGE_NAMES)
+        self.auth = auth
+        self.out = b""  # authentication bytes not yet written
 
 
 class _Conn:
@@ -494,6 +566,7 @@ class _Conn:
         "rx",
         "rx_max",
         "sent_log",
+        "setup",
         "sock",
         "state",
         "stream",
@@ -529,6 +602,7 @@ class _Conn:
         self.rx = 0  # verified bytes of the reply stream
         self.wlog: deque[tuple[int, int]] = deque()  # (end seq of a write, time written)
         self.rot = _Payloads.rotation(cid)  # pattern rotation of this connection, in messages
+        self.setup: _Setup | None = None  # while state is _SECURING
 
 
 # -- the worker: one event loop -----------------------------------------------------------
@@ -539,11 +613,36 @@ _RUN, _DRAIN, _DONE = 1, 2, 3
 class _Worker:
     """One event loop over a share of the connections; runs in the caller's process."""
 
-    def __init__(self, cfg: StressConfig, share: _Share, address: tuple[int, Any]) -> None:
+    def __init__(
+        self,
+        cfg: StressConfig,
+        share: _Share,
+        address: tuple[int, Any],
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Set up the loop (no connection yet).
+
+        Args:
+            cfg: the run.
+            share: this worker's part of it.
+            address: ``(family, sockaddr)`` of the server.
+            tls_context: the client TLS context; None builds one from ``cfg``
+                when it asks for TLS.
+
+        Raises:
+            ValueError: a TLS certificate or key file of ``cfg`` is missing or invalid.
+        """
         self.cfg = cfg
         self.share = share
         self.family, self.sockaddr = address
         self.udp = cfg.udp
+        self.tls_context = tls_context if tls_context is not None else cfg.tls_context()
+        self.tls = self.tls_context is not None
+        self.server_hostname = cfg.server_hostname or cfg.host
+        self.auth_key = cfg.auth_key
+        self.secure = self.tls or self.auth_key is not None  # handshakes before the load
+        self.reasons: dict[str, str] = {}  # the first reason of each tls/auth failure
+        self._again: list[_Conn] = []  # TLS: decrypted bytes left over after a full read
         self.frame = cfg.frame
         self.payloads = _Payloads(cfg)
         self._match = self.payloads.matcher()
@@ -643,6 +742,32 @@ class _Worker:
         if example is not None and len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(example)
 
+    def _io_failed(self, c: _Conn, exc: OSError, what: str) -> None:
+        """End ``c`` after a failed send or receive: **tls** for a TLS error, else **reset**."""
+        if isinstance(exc, ssl.SSLEOFError):  # the server hung up without a TLS close
+            self._kill(c, "closed", f"{what}: {self._closed_text(c)} (no TLS close)")
+        elif isinstance(exc, ssl.SSLError):
+            # e.g. TLS 1.3: the server refused our certificate after the handshake.
+            why = f"TLS {what}: {ssl_error_text(exc)}"
+            self.reasons.setdefault("tls", why)
+            self._kill(c, "tls", why)
+        else:
+            self._kill(c, "reset", f"{what}: {exc.strerror or exc}" + self._cert_hint(c))
+
+    def _bad_frame(self, c: _Conn, exc: ProtocolError, data: bytes | memoryview) -> None:
+        """End ``c`` after bytes that break the frame format, saying so when they are a
+        handshake this side does not speak (a server that requires TLS or a key)."""
+        head = bytes(data[: len(_AUTH_MAGIC)])
+        if head == _AUTH_MAGIC and self.auth_key is None:
+            why = "the server requires authentication (its handshake hello arrived): use --auth-key-file"
+            self.reasons.setdefault("auth", why)
+            self._kill(c, "auth", why)
+        elif head[:2] in _TLS_RECORD_HEADS and not self.tls:
+            self.reasons.setdefault("tls", _SPEAKS_TLS)
+            self._kill(c, "tls", _SPEAKS_TLS)
+        else:
+            self._kill(c, "protocol", f"bad frame from the server: {exc}")
+
     def _kill(self, c: _Conn, kind: str | None, why: str = "") -> None:
         """End a connection; ``kind`` None means we closed it ourselves (end of run)."""
         if c.state == _DEAD:
@@ -699,11 +824,12 @@ class _Worker:
                 return
             self._connected(c, now)
             return
+        # One deadline for the TCP connect and the handshakes that follow it.
+        c.connect_deadline = now + self.timeout_ns
         err = sock.connect_ex(self.sockaddr)
         if err in (0, errno.EISCONN):
-            self._connected(c, now)
+            self._tcp_connected(c, now)
         elif err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN, errno.EALREADY):
-            c.connect_deadline = now + self.timeout_ns
             c.events = _OUT
             self.ep.register(c.fd, _OUT)
         else:
@@ -726,12 +852,19 @@ class _Worker:
         self.live.append(c)
 
     def _connect_failed(self, c: _Conn, exc: OSError) -> None:
-        self.failed += 1
         # "timeout" for a connect that did not finish in --timeout; every other failure
         # (refused, unreachable, no ephemeral port left) is a refused connection.
         kind = "timeout" if isinstance(exc, TimeoutError) else "refused"
-        self._error(kind, f"conn {c.cid}: connect to {format_address(self.sockaddr)}: {exc.strerror or exc}")
+        self._setup_failed(c, kind, f"connect to {format_address(self.sockaddr)}: {exc.strerror or exc}")
+
+    def _setup_failed(self, c: _Conn, kind: str, why: str) -> None:
+        """Count a connection that could not be opened (``kind``), and close it."""
+        self.failed += 1
+        self._error(kind, f"conn {c.cid}: {why}")
+        if kind in ("tls", "auth"):
+            self.reasons.setdefault(kind, why)
         c.state = _DEAD
+        c.setup = None
         try:
             self.ep.unregister(c.fd)
         except (OSError, KeyError, ValueError):
@@ -739,8 +872,180 @@ class _Worker:
         self.conns.pop(c.fd, None)
         c.sock.close()
 
+    def _want(self, c: _Conn, events: int) -> None:
+        """Wait for ``events`` on ``c`` (registering it on first use)."""
+        if not c.events:
+            self.ep.register(c.fd, events)
+        elif c.events != events:
+            self.ep.modify(c.fd, events)
+        c.events = events
+
+    def _tcp_connected(self, c: _Conn, now: int) -> None:
+        """The TCP connect succeeded: open ``c``, or first start its handshakes."""
+        if not self.secure:
+            self._connected(c, now)
+            return
+        set_nodelay(c.sock)  # the handshakes' small writes go out at once
+        auth = None if self.auth_key is None else ClientHandshake(self.auth_key, new_nonce())
+        if self.tls_context is not None:
+            try:
+                c.sock = self.tls_context.wrap_socket(
+                    c.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False
+                )
+            except (OSError, ValueError) as exc:  # e.g. an invalid --tls-server-name; a reset
+                self._setup_failed(c, "tls", f"TLS setup failed: {exc}")
+                return
+            c.setup = _Setup("tls", auth)
+        else:
+            c.setup = _Setup("auth", auth)
+        if auth is not None and c.setup.stage == "auth":
+            c.setup.out = auth.data_to_send()
+        c.state = _SECURING
+        self._secure_step(c, now)
+
+    def _secure_step(self, c: _Conn, now: int) -> None:
+        """Advance ``c``'s TLS, then authentication, handshake as far as the socket allows.
+
+        Non-blocking: where the socket must wait, ``c`` waits for the event it needs and
+        the poll loop calls again.  Once both are done the connection is open; on a
+        failure it is counted (**tls** or **auth**) and closed.
+        """
+        setup = c.setup
+        assert setup is not None
+        sock = c.sock
+        try:
+            if setup.stage == "tls":
+                assert isinstance(sock, ssl.SSLSocket)
+                try:
+                    sock.do_handshake()
+                except ssl.SSLWantReadError:
+                    self._want(c, _IN)
+                    return
+                except ssl.SSLWantWriteError:
+                    self._want(c, _OUT)
+                    return
+                if setup.auth is None:
+                    self._secured(c, now, b"")
+                    return
+                setup.stage = "auth"
+                setup.out = setup.auth.data_to_send()
+            hs = setup.auth
+            assert hs is not None
+            while True:
+                # The hellos cross; then each read is answered (auth.run_blocking's order).
+                while setup.out:
+                    try:
+                        setup.out = setup.out[sock.send(setup.out) :]
+                    except _WOULD_BLOCK as exc:
+                        self._want(c, _IN if isinstance(exc, ssl.SSLWantReadError) else _OUT)
+                        return
+                if hs.done:
+                    self._secured(c, now, hs.remaining)
+                    return
+                try:
+                    data = sock.recv(_HANDSHAKE_READ)
+                except _WOULD_BLOCK as exc:
+                    self._want(c, _OUT if isinstance(exc, ssl.SSLWantWriteError) else _IN)
+                    return
+                if not data:
+                    hs.receive_eof()  # raises: the handshake is not done
+                if not self.tls and hs.peer_nonce is None and data[:2] in _TLS_RECORD_HEADS:
+                    self._setup_failed(c, "tls", _SPEAKS_TLS)  # (an alert for our hello)
+                    return
+                hs.receive_data(data)
+                setup.out += hs.data_to_send()
+        except HandshakeError as exc:
+            self._setup_failed(c, "auth", self._auth_text(exc, setup))
+        except ssl.SSLCertVerificationError as exc:
+            self._setup_failed(
+                c, "tls", f"TLS handshake failed: certificate verify failed: {exc.verify_message}"
+            )
+        except ssl.SSLError as exc:
+            if setup.stage == "auth" and isinstance(exc, ssl.SSLEOFError):
+                self._hung_up(c, "the connection ended without a TLS close")
+            elif isinstance(exc, ssl.SSLEOFError):
+                self._setup_failed(
+                    c,
+                    "tls",
+                    "the server closed the connection during the TLS handshake (does the server serve TLS?)",
+                )
+            elif setup.stage == "tls":
+                self._setup_failed(c, "tls", f"TLS handshake failed: {ssl_error_text(exc)}")
+            else:  # TLS 1.3: the server refused our certificate after our handshake
+                self._setup_failed(c, "tls", f"TLS failed during authentication: {ssl_error_text(exc)}")
+        except OSError as exc:
+            if setup.stage == "tls":
+                self._setup_failed(
+                    c, "tls", f"{exc.strerror or exc} during the TLS handshake (does the server serve TLS?)"
+                )
+            else:
+                self._hung_up(c, str(exc.strerror or exc))
+
+    def _auth_text(self, exc: HandshakeError, setup: _Setup) -> str:
+        """Why the authentication failed, with a hint when the server hung up before its
+        hello for a TLS reason: it requires TLS, or our client certificate."""
+        assert setup.auth is not None
+        if setup.auth.peer_nonce is None and "before its authentication hello" in str(exc):
+            if not self.tls:
+                # A TLS server reads our hello as a bad TLS record and hangs up, often silently.
+                return f"{exc}, or it requires TLS (--tls)"
+            if self.cfg.tls_cert is None:
+                return f"{exc}, or it requires a client certificate (--tls-cert)"
+        return str(exc)
+
+    def _closed_text(self, c: _Conn) -> str:
+        """Why a connection read the end of the stream, as far as the client can tell."""
+        return f"closed by the server after {c.next_rx} messages{self._cert_hint(c)}"
+
+    def _cert_hint(self, c: _Conn) -> str:
+        """A hint for a TLS connection without a client certificate that ends before any reply."""
+        if self.tls and self.cfg.tls_cert is None and c.next_rx == 0:
+            # TLS 1.3: a server that requires a client certificate refuses the client only
+            # after the client's handshake is over, often without an alert we could read.
+            return " (does the server require a client certificate? --tls-cert)"
+        return ""
+
+    def _hung_up(self, c: _Conn, how: str) -> None:
+        """The server hung up during the authentication handshake (one without a key
+        refuses our hello at once): say what the handshake was waiting for, as the
+        blocking client does."""
+        assert c.setup is not None and c.setup.auth is not None
+        try:
+            c.setup.auth.receive_eof()
+        except HandshakeError as error:
+            self._setup_failed(c, "auth", f"{self._auth_text(error, c.setup)} ({how})")
+            return
+        self._setup_failed(c, "auth", f"{how} during the authentication handshake")  # pragma: no cover
+
+    def _secured(self, c: _Conn, now: int, rest: bytes) -> None:
+        """Both handshakes are done: open ``c`` for the load.
+
+        ``rest`` is what the server sent after the authentication handshake, before
+        any message of ours: an echo server sends nothing, so any frame in it is
+        classified as an unexpected reply (corrupted), as the load would have.
+        """
+        c.setup = None
+        self._connected(c, now)
+        if not rest:
+            return
+        self.wire_in += len(rest)
+        self._to_general(c)
+        if c.decoder is None:
+            c.decoder = FrameDecoder(self.frame)
+        try:
+            msgs = c.decoder.feed(rest)
+        except ProtocolError as exc:
+            self._bad_frame(c, exc, rest)
+            return
+        if msgs:
+            self._on_messages(c, msgs, now)
+
     def connect_all(self) -> None:
-        """Open this worker's connections (at ``connect_rate``), until all are settled."""
+        """Open this worker's connections (at ``connect_rate``), until all are settled.
+
+        A connection is settled when it is open (TCP connect, then the TLS and
+        authentication handshakes when asked for, all within ``--timeout``) or failed.
+        """
         share = self.share
         begin = time.monotonic_ns()
         step = 0 if not share.connect_rate else int(1e9 / share.connect_rate)
@@ -750,28 +1055,42 @@ class _Worker:
             while opened < share.connections and now >= begin + opened * step:
                 self._open(share.first_cid + opened, now)
                 opened += 1
-            connecting = [c for c in self.conns.values() if c.state == _CONNECTING]
+            connecting = [c for c in self.conns.values() if c.state in (_CONNECTING, _SECURING)]
             if opened == share.connections and not connecting:
                 break
             for c in connecting:
-                if now >= c.connect_deadline:
+                if now < c.connect_deadline:
+                    continue
+                if c.setup is None:
                     self._connect_failed(c, TimeoutError(errno.ETIMEDOUT, "connection timed out"))
+                else:
+                    self._setup_failed(
+                        c,
+                        "timeout",
+                        f"{stage_name(c.setup.stage)} with {format_address(self.sockaddr)} "
+                        f"did not complete within {self.cfg.timeout:g} s",
+                    )
             wait = 0.05
             if opened < share.connections:
                 wait = min(wait, max(0.0, (begin + opened * step - now) / 1e9))
             for fd, _ev in self.ep.poll(wait):
                 ready = self.conns.get(fd)
-                if ready is None or ready.state != _CONNECTING:
+                if ready is None:
                     continue
                 c = ready
+                if c.state == _SECURING:
+                    self._secure_step(c, time.monotonic_ns())
+                    continue
+                if c.state != _CONNECTING:
+                    continue
                 err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     self._connect_failed(c, OSError(err, os.strerror(err)))
                 else:
-                    self._connected(c, time.monotonic_ns())
+                    self._tcp_connected(c, time.monotonic_ns())
         # Connections still connecting when a stop came are just closed.
         for c in list(self.conns.values()):
-            if c.state == _CONNECTING:
+            if c.state in (_CONNECTING, _SECURING):
                 self._kill(c, None)
         self.connect_ns = time.monotonic_ns() - begin
 
@@ -873,9 +1192,12 @@ class _Worker:
     def _flush(self, c: _Conn) -> None:
         out = c.out
         sock = c.sock
+        # TLS: one buffer per send (no sendmsg over TLS), and a send that has to wait is
+        # retried with the same buffer, as SSL_write requires: out[0] stays as it is.
+        single = self.tls
         try:
             while out:
-                n = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(out[:_IOV_MAX])
+                n = sock.send(out[0]) if single or len(out) == 1 else sock.sendmsg(out[:_IOV_MAX])
                 i = 0
                 while n:
                     size = len(out[i])
@@ -887,10 +1209,10 @@ class _Worker:
                         n = 0
                 if i:
                     del out[:i]
-        except BlockingIOError:
+        except _WOULD_BLOCK:
             pass
         except OSError as exc:
-            self._kill(c, "reset", f"send: {exc.strerror or exc}")
+            self._io_failed(c, exc, "send")
             return
         want = _IN | _OUT if out else _IN
         if want != c.events:
@@ -989,23 +1311,60 @@ class _Worker:
 
     # -- receiving ----------------------------------------------------------------------
 
+    def _recv_tls(self, c: _Conn) -> int:
+        """Read what a TLS connection has into the receive buffer; return the byte count.
+
+        One TLS read returns one record at most (16 KiB), so this reads on until the
+        TLS layer has nothing more (or the buffer is nearly full): the loop then handles
+        it all at once, and no decrypted byte is left behind for which epoll would not
+        fire again (``pending()`` is checked in case; such a connection is read again in
+        the next round of the loop without waiting).
+
+        Returns:
+            The bytes read, 0 at the end of the stream.
+
+        Raises:
+            BlockingIOError: nothing to read yet.
+            ssl.SSLError: a TLS failure (an alert from the server, a bad record).
+            OSError: another socket error.
+        """
+        sock = c.sock
+        mv = self._mv
+        n = 0
+        room = _RECV_SIZE - _TLS_RECORD
+        while n <= room:
+            try:
+                k = sock.recv_into(mv[n:])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            if not k:  # the end of the stream: report the bytes before it first
+                return n
+            n += k
+        else:
+            assert isinstance(sock, ssl.SSLSocket)
+            if sock.pending():
+                self._again.append(c)
+        if not n:
+            raise BlockingIOError(errno.EAGAIN, "no TLS data yet")
+        return n
+
     def _on_read(self, c: _Conn, now: int = 0) -> None:
         try:
-            n = c.sock.recv_into(self._buf)
+            n = self._recv_tls(c) if self.tls else c.sock.recv_into(self._buf)
         except BlockingIOError:
             return
         except OSError as exc:
-            self._kill(c, "reset", f"receive: {exc.strerror or exc}")
+            self._io_failed(c, exc, "receive")
             return
         if n == 0:
-            self._kill(c, "closed", f"closed by the server after {c.next_rx} messages")
+            self._kill(c, "closed", self._closed_text(c))
             return
         self.wire_in += n
         assert c.decoder is not None
         try:
             msgs = c.decoder.feed(self._mv[:n])
         except ProtocolError as exc:
-            self._kill(c, "protocol", f"bad frame from the server: {exc}")
+            self._bad_frame(c, exc, self._mv[:n])
             return
         if msgs:
             self._on_messages(c, msgs, time.monotonic_ns())
@@ -1054,6 +1413,7 @@ class _Worker:
         ev_in = _IN | _ERR | _HUP
         ev_out = _OUT
         is_open = _OPEN
+        tls = self.tls
         got = sent = bytes_in = 0
         lsum = measured = 0
         hi = self._lat_hi
@@ -1072,14 +1432,14 @@ class _Worker:
                 self._on_read(c, now)
                 continue
             try:
-                n = c.sock.recv_into(buf)
+                n = self._recv_tls(c) if tls else c.sock.recv_into(buf)
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self._kill(c, "reset", f"receive: {exc.strerror or exc}")
+                self._io_failed(c, exc, "receive")
                 continue
             if n == 0:
-                self._kill(c, "closed", f"closed by the server after {c.next_rx} messages")
+                self._kill(c, "closed", self._closed_text(c))
                 continue
             bytes_in += n
             rx = c.rx
@@ -1153,10 +1513,10 @@ class _Worker:
                 continue
             try:
                 w = c.sock.send(c.wmv[a:b])
-            except BlockingIOError:
-                w = 0
+            except _WOULD_BLOCK:
+                w = 0  # TLS: the queued copy is the same bytes, as a retried SSL_write needs
             except OSError as exc:
-                self._kill(c, "reset", f"send: {exc.strerror or exc}")
+                self._io_failed(c, exc, "send")
                 continue
             if w < b - a:
                 self._queue(c, c.wmv[a + w : b].tobytes())
@@ -1207,20 +1567,22 @@ class _Worker:
         a = s0 % self._window * ml
         b = a + (s1 - s0) * ml
         wmv = c.wmv
-        pieces = [wmv[a:b]] if b <= wbytes else [wmv[a:], wmv[: b - wbytes]]
+        pieces: list[bytes | memoryview] = [wmv[a:b]] if b <= wbytes else [wmv[a:], wmv[: b - wbytes]]
         if c.out:
-            c.out.extend(p.tobytes() for p in pieces)
+            c.out.extend(bytes(p) for p in pieces)
             self._flush(c)
             return
+        if len(pieces) > 1 and self.tls:  # no sendmsg over TLS: one buffer
+            pieces = [b"".join(pieces)]
         try:
             w = c.sock.send(pieces[0]) if len(pieces) == 1 else c.sock.sendmsg(pieces)
-        except BlockingIOError:
+        except _WOULD_BLOCK:
             w = 0
         except OSError as exc:
-            self._kill(c, "reset", f"send: {exc.strerror or exc}")
+            self._io_failed(c, exc, "send")
             return
         if w < b - a:
-            self._queue(c, b"".join(p.tobytes() for p in pieces)[w:])
+            self._queue(c, b"".join(pieces)[w:])
 
     def _queue(self, c: _Conn, rest: bytes) -> None:
         """Keep bytes the socket did not take (a copy: window slots are rebuilt later)."""
@@ -1278,7 +1640,7 @@ class _Worker:
         try:
             msgs = c.decoder.feed(data)
         except ProtocolError as exc:
-            self._kill(c, "protocol", f"bad frame from the server: {exc}")
+            self._bad_frame(c, exc, data)
             return
         if msgs:
             self._on_messages(c, msgs, time.monotonic_ns())
@@ -1598,6 +1960,7 @@ class _Worker:
         flush = self._flush_udp if udp else self._flush
         ep_fd = self.ep.fileno() if hasattr(self.ep, "fileno") else -1
         ev_in, ev_out, is_open = _IN | _ERR | _HUP, _OUT, _OPEN
+        again = self._again
         while not self.stop_requested:  # wait for the common start time
             now = time.monotonic_ns()
             if now >= t0:
@@ -1667,7 +2030,12 @@ class _Worker:
                 timeout = (left // 1_000_000 - 1) / 1000  # whole ms, so it never oversleeps
             else:
                 timeout = -(-left // 1_000_000) / 1000
-            events = poll(timeout)
+            if again:  # TLS connections with decrypted bytes still to read: no waiting
+                events = poll(0.0)
+                events.extend((c.fd, ev_in) for c in again if c.state == is_open)
+                again.clear()
+            else:
+                events = poll(timeout)
             if not events:
                 continue
             # One clock reading per poll: the time of every reply read and every message
@@ -1733,6 +2101,7 @@ class _Worker:
             "unsent": self.unsent + self.backlogged,
             "errors": dict(self.errors),
             "examples": list(self.examples),
+            "reasons": dict(self.reasons),
             "hist": hist.to_dict(),
             "final_tick": self.final_tick,
         }
@@ -1743,7 +2112,12 @@ class _Worker:
 
 def _worker_process(cfg: StressConfig, share: _Share, address: tuple[int, Any], pipe: Any) -> None:
     """Entry point of a ``--workers`` process: connect, wait for "go", run, send the result."""
-    worker = _Worker(cfg, share, address)
+    try:
+        worker = _Worker(cfg, share, address)  # builds its own TLS context (not picklable)
+    except ValueError as exc:  # a TLS file that changed since the parent checked it
+        pipe.send(("crash", str(exc)))
+        pipe.close()
+        return
 
     def stop(signum: int, frame: Any) -> None:
         worker.stop_requested = True
@@ -2177,6 +2551,11 @@ def _build_report(
             "failed": failed,
             "connect_s": max((r["connect_ns"] for r in results), default=0) / 1e9,
         },
+        "security": {
+            "tls": cfg.tls,
+            "client_cert": cfg.tls and cfg.tls_cert is not None,
+            "auth": cfg.auth_key is not None,
+        },
         "elapsed_s": elapsed,
         "interrupted": any(r["interrupted"] for r in results),
         "messages": {
@@ -2221,13 +2600,25 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-def _error_lines(report: dict[str, Any], timeout: float) -> list[str]:
+def _reasons(results: list[dict[str, Any]]) -> dict[str, str]:
+    """The first reason of each tls/auth failure, over all workers."""
+    out: dict[str, str] = {}
+    for r in results:
+        for kind, why in r.get("reasons", {}).items():
+            out.setdefault(kind, why)
+    return out
+
+
+def _error_lines(report: dict[str, Any], timeout: float, reasons: dict[str, str] | None = None) -> list[str]:
     lines = []
     for kind in ERROR_KINDS:
         n = report["errors"][kind]
         if n:
             noun, text = _ERROR_TEXT[kind]
-            lines.append(f"{_plural(n, noun)} {text.format(timeout=timeout)}")
+            line = f"{_plural(n, noun)} {text.format(timeout=timeout)}"
+            if reasons and kind in reasons:  # tls, auth: the cause varies; say the first
+                line += f" ({reasons[kind]})"
+            lines.append(line)
     return lines
 
 
@@ -2237,7 +2628,7 @@ def _size_text(cfg: StressConfig) -> str:
     return f"{cfg.size_min:,}-{cfg.size_max:,} B (uniform, seed {cfg.seed})"
 
 
-def _format_report(cfg: StressConfig, report: dict[str, Any]) -> str:
+def _format_report(cfg: StressConfig, report: dict[str, Any], reasons: dict[str, str] | None = None) -> str:
     t = report["target"]
     m = report["messages"]
     lat = report["latency_us"]
@@ -2246,6 +2637,7 @@ def _format_report(cfg: StressConfig, report: dict[str, Any]) -> str:
     mode = f"rate {cfg.rate:,.0f} msg/s" if cfg.rate is not None else "closed loop"
     lines = [
         f"msgsock stress: {t['address']} {t['transport']}"
+        + _security_text(cfg)
         + (f", frame {t['frame']}" if t["frame"] else "")
         + f", expect {cfg.expect}, {mode}",
         f"  connections  {conns['established']:,} of {conns['requested']:,} established"
@@ -2280,7 +2672,7 @@ def _format_report(cfg: StressConfig, report: dict[str, Any]) -> str:
         )
     else:
         lines.append("  latency      no samples")
-    errs = _error_lines(report, cfg.timeout)
+    errs = _error_lines(report, cfg.timeout, reasons)
     if errs:
         lines.append("  errors       " + errs[0])
         lines.extend("               " + e for e in errs[1:])
@@ -2291,10 +2683,20 @@ def _format_report(cfg: StressConfig, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _verdict(report: dict[str, Any], timeout: float) -> str:
+def _security_text(cfg: StressConfig) -> str:
+    """``, tls``, ``, mutual tls``, ``, auth``: what the connections ran besides TCP."""
+    parts = []
+    if cfg.tls:
+        parts.append("mutual tls" if cfg.tls_cert is not None else "tls")
+    if cfg.auth_key is not None:
+        parts.append("auth")
+    return "".join(", " + p for p in parts)
+
+
+def _verdict(report: dict[str, Any], timeout: float, reasons: dict[str, str] | None = None) -> str:
     if report["ok"]:
         return f"OK: {report['messages']['verified']:,} replies verified, no errors"
-    errs = _error_lines(report, timeout)
+    errs = _error_lines(report, timeout, reasons)
     extra = [e for e in report["error_examples"] if e.startswith("worker")]
     return "FAILED: " + "; ".join(errs + extra)
 
@@ -2506,7 +2908,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_args.positive_float,
         default=5.0,
         metavar="S",
-        help="a reply later than S counts as lost; also the connect timeout (default 5)",
+        help="a reply later than S counts as lost; also the deadline of each connect, TLS and "
+        "authentication handshakes included (default 5)",
     )
     parser.add_argument(
         "--expect", choices=("echo", "reverse"), default="echo", help="what the server replies (default echo)"
@@ -2523,6 +2926,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--plot", metavar="FILE.png", help="write latency and throughput plots (needs matplotlib)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no live output")
+    # The same TLS and authentication options as `msgsock client` (SPEC §4.2, §7).  Imported
+    # here, not at the top: cli imports this module to build its parser.
+    from .cli import add_client_security_options
+
+    add_client_security_options(parser)
 
 
 def _config(args: argparse.Namespace) -> StressConfig:
@@ -2548,6 +2956,18 @@ def _config(args: argparse.Namespace) -> StressConfig:
     if args.messages is not None and args.workers > args.messages:
         raise _UsageError(f"--workers {args.workers} is more than --messages {args.messages}")
     duration = args.duration if args.duration is not None or args.messages is not None else 10.0
+    tls = bool(args.tls or args.tls_ca or args.tls_cert or args.tls_server_name)
+    if args.udp and (tls or args.tls_key or args.auth_key_file):
+        raise _UsageError("--udp cannot be combined with TLS or --auth-key-file (datagrams have neither)")
+    from .cli import client_security
+
+    try:
+        # Checks the files once here (a usage error), though every worker builds its own
+        # context: an SSLContext cannot be sent to a worker process.
+        context, auth_key = client_security(args)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    assert tls == (context is not None)
     return StressConfig(
         host=args.host,
         port=args.port,
@@ -2567,6 +2987,12 @@ def _config(args: argparse.Namespace) -> StressConfig:
         timeout=args.timeout,
         expect=args.expect,
         interval=args.interval,
+        tls=tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        server_hostname=args.tls_server_name,
+        auth_key=auth_key,
     )
 
 
@@ -2604,8 +3030,9 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0 when every reply was verified and nothing went wrong; 1 when any error was
         detected (lost, duplicated, reordered, corrupted, aborted messages; refused,
-        timed-out, closed, reset or protocol-breaking connections) or the server could
-        not be reached; 2 for bad options.
+        timed-out, TLS-failed, unauthenticated, closed, reset or protocol-breaking
+        connections) or the server could not be reached; 2 for bad options (including
+        unreadable TLS or key files).
     """
     try:
         cfg = _config(args)
@@ -2629,7 +3056,8 @@ def run(args: argparse.Namespace) -> int:
     agg = _Aggregator(cfg, cfg.workers, live)
     what = f"{cfg.messages:,} messages" if cfg.messages is not None else f"{cfg.duration:g} s"
     live.line(
-        f"stress {format_address(address[1])} ({'udp' if cfg.udp else 'tcp, frame ' + str(cfg.frame)}): "
+        f"stress {format_address(address[1])} "
+        f"({'udp' if cfg.udp else 'tcp' + _security_text(cfg) + ', frame ' + str(cfg.frame)}): "
         f"{cfg.connections} connection(s) x depth {cfg.depth}, {_size_text(cfg)}, {what}"
         + (f", rate {cfg.rate:,.0f} msg/s" if cfg.rate is not None else "")
         + (f", {cfg.workers} workers" if cfg.workers > 1 else "")
@@ -2645,12 +3073,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         live.stop()
     report, hist = _build_report(cfg, format_address(address[1]), results, agg.intervals, problems)
+    reasons = _reasons(results)
     try:
         if args.json:
             print(json.dumps(report))
         else:
-            print(_format_report(cfg, report))
-        verdict = _verdict(report, cfg.timeout)
+            print(_format_report(cfg, report, reasons))
+        verdict = _verdict(report, cfg.timeout, reasons)
         if args.json:
             if not report["ok"]:
                 print(f"msgsock stress: {verdict}", file=sys.stderr)
