@@ -19,6 +19,7 @@ from msgsock.exceptions import MsgsockError
 from msgsock.framing import FrameFormat, Message
 from msgsock.sync import Connection, ThreadedServer
 from msgsock.tui import LOG_TEXT_LIMIT, ClientApp, MessageEvent, State
+from tests.certs import Pki
 from tests.helpers import free_loopback6, unit
 
 Scenario = Callable[[ClientApp, Pilot[int]], Awaitable[None]]
@@ -328,6 +329,64 @@ def test_ipv6_loopback(start_server: ServerFactory) -> None:
         await _until(pilot, lambda: "← #1 over six" in _log_text(app), "the echo")
 
     _run(ClientApp(ClientConfig(host="::1", port=server.port)), scenario)
+
+
+AUTH_KEY = b"tui-test-key-0123456789"
+
+
+def test_tls_and_auth_connect_and_echo(start_server: ServerFactory, pki: Pki) -> None:
+    """Over TLS with the shared key, the status line names both once connected and messages are echoed."""
+    server = start_server(lambda m: m, "127.0.0.1", ssl=pki.server_context(), auth_key=AUTH_KEY)
+
+    async def scenario(app: ClientApp, pilot: Pilot[int]) -> None:
+        await _connect(app, pilot)
+        status = _status(app)
+        assert f"connected to 127.0.0.1:{server.port} (TLSv1." in status, status
+        assert "authenticated" in status
+        await _send(app, pilot, "over tls")
+        await _until(pilot, lambda: "← #1 over tls" in _log_text(app), "the echo")
+        await pilot.press("ctrl+q")
+        await _until(pilot, lambda: app.return_code is not None, "quit")
+
+    config = ClientConfig(port=server.port, ssl=pki.client_context(), auth_key=AUTH_KEY)
+    app = _run(ClientApp(config), scenario)
+    assert app.return_code == 0
+    deadline = time.monotonic() + unit(5)
+    while server.statistics().active and time.monotonic() < deadline:  # the server notices the EOF
+        time.sleep(0.01)
+    stats = server.statistics()
+    assert (stats.connections, stats.active, stats.errors, stats.messages_received) == (1, 0, 0, 1)
+
+
+def test_tls_failure_shows_in_status_line(start_server: ServerFactory, pki: Pki) -> None:
+    """A server certificate the client does not trust shows as a TLS error in the status line, not a traceback."""
+    server = start_server(lambda m: m, "127.0.0.1", ssl=pki.server_context())
+
+    async def scenario(app: ClientApp, pilot: Pilot[int]) -> None:
+        await pilot.press("f2")
+        await _until(pilot, lambda: app.state is State.ERROR, "the error")
+        status = _status(app)
+        assert "error: TLS handshake failed: certificate verify failed" in status, status
+        assert f"127.0.0.1:{server.port}" in status
+        assert "Traceback" not in _log_text(app)
+        assert not app.query_one("#connect").disabled
+        assert app.query_one("#message").disabled
+
+    _run(ClientApp(ClientConfig(port=server.port, ssl=pki.client_context(ca=pki.other_ca_cert))), scenario)
+
+
+def test_auth_failure_shows_in_status_line(start_server: ServerFactory) -> None:
+    """A key the server rejects shows as an authentication error in the status line."""
+    server = start_server(lambda m: m, "127.0.0.1", auth_key=AUTH_KEY)
+
+    async def scenario(app: ClientApp, pilot: Pilot[int]) -> None:
+        await pilot.press("f2")
+        await _until(pilot, lambda: app.state is State.ERROR, "the error")
+        status = _status(app)
+        assert "error: authentication failed: the server rejected our key" in status, status
+        assert "Traceback" not in _log_text(app)
+
+    _run(ClientApp(ClientConfig(port=server.port, auth_key=b"not-the-right-key-at-all")), scenario)
 
 
 @pytest.mark.parametrize(

@@ -490,13 +490,6 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print("msgsock client: error: --tui cannot be combined with --send or --rounds", file=sys.stderr)
         return 2
     if args.tui or (not scripted and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty()):
-        if context is not None or auth_key is not None:
-            print(
-                "msgsock client: error: the interactive client speaks plain TCP only; "
-                "use --no-tui (line mode) for TLS or --auth-key-file",
-                file=sys.stderr,
-            )
-            return 2
         from .tui import run_tui
 
         return run_tui(config)

@@ -11,7 +11,11 @@ affect the delivery of socket messages".  Here that split is two objects:
   never on that path.  The counters (messages and bytes each way, loop rounds and
   RTT histogram) are updated there too.  Requests from the UI (connect, send,
   start/stop the loop, disconnect) are handed over with
-  :meth:`~msgsock.callback.Reactor.call_soon_threadsafe` and never wait.
+  :meth:`~msgsock.callback.Reactor.call_soon_threadsafe` and never wait.  TLS and
+  the authentication handshake (``config.ssl``, ``config.auth_key``; SPEC §4.2)
+  are pumped by that socket on the same thread, so ``on_connect(0)`` -- and the
+  "connected" status -- come only once they passed; a failed stage shows as
+  ``error: TLS handshake failed: ...`` or ``error: authentication failed: ...``.
 - :class:`ClientApp` (Textual) only *receives* events.  The network thread appends
   them to a bounded buffer and, when the buffer was empty, wakes the UI with one
   :meth:`textual.app.App.post_message` -- which only queues, unlike
@@ -41,6 +45,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -57,13 +62,13 @@ from textual.containers import Horizontal
 from textual.message import Message as UIMessage
 from textual.widgets import Button, Footer, Input, Label, RichLog, Static
 
+from ._handshake import ssl_error_text
 from ._histogram import Histogram
 from ._net import format_address
 from .callback import MessageSocket, Reactor, TimerHandle
 from .client import ClientConfig, escape_text
 from .exceptions import InvalidState, MsgsockError, Timeout
-from .framing import FrameFormat, Message
-from .protocol import Limits
+from .framing import Message
 
 __all__ = [
     "DEFAULT_LOOP_MESSAGE",
@@ -239,8 +244,16 @@ class _Pending:
 class _ClientSocket(MessageSocket):
     """The connection; its callbacks run on the reactor thread and go to the owner."""
 
-    def __init__(self, owner: NetworkClient, reactor: Reactor, frame: FrameFormat, limits: Limits) -> None:
-        super().__init__(reactor, frame, limits)
+    def __init__(self, owner: NetworkClient, reactor: Reactor, config: ClientConfig) -> None:
+        # TLS and authentication run on the reactor too; on_connect(0) comes after them.
+        super().__init__(
+            reactor,
+            config.frame,
+            config.limits,
+            ssl=config.ssl,
+            server_hostname=config.server_hostname,
+            auth_key=config.auth_key,
+        )
         self._owner = owner
 
     def on_connect(self, error: int) -> None:
@@ -254,7 +267,11 @@ class _ClientSocket(MessageSocket):
 
 
 def _reason(exc: BaseException | None, err: int = 0) -> str:
-    """A short human reason for a failure (the OS's words for an errno)."""
+    """A short human reason for a failure (the OS's words for an errno, OpenSSL's for TLS)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return ssl_error_text(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if exc is not None and str(exc):
@@ -272,7 +289,7 @@ class NetworkClient:
     :meth:`take_events`.
 
     Args:
-        config: host, port, frame, limits, header fields and timeouts.
+        config: host, port, frame, limits, header fields, timeouts, TLS and auth key.
         notify: wakes the consumer of the events; must not block.
 
     Attributes:
@@ -436,7 +453,7 @@ class NetworkClient:
         self._pending.clear()
         self._target = format_address((host, port))
         self._set_state(State.CONNECTING, f"connecting to {self._target}…")
-        sock = _ClientSocket(self, self.reactor, self.config.frame, self.config.limits)
+        sock = _ClientSocket(self, self.reactor, self.config)
         self._sock = sock
         try:
             sock.create()
@@ -469,7 +486,7 @@ class NetworkClient:
         if sock is not self._sock:
             return
         if error:
-            self._connect_failed(sock, f"cannot connect to {self._target}: {os.strerror(error)}")
+            self._connect_failed(sock, self._connect_error(sock, error))
             return
         if self._connect_timer is not None:
             self._connect_timer.cancel()
@@ -478,8 +495,26 @@ class NetworkClient:
             self._peer = format_address(sock.peer_name)
         except (OSError, MsgsockError):
             self._peer = self._target
-        self._set_state(State.CONNECTED, f"connected to {self._peer} (frame {self.config.frame})")
+        details = []
+        session = sock.ssl_object
+        if session is not None:
+            details.append(session.version() or "TLS")
+        if self.config.auth_key is not None:
+            details.append("authenticated")
+        details.append(f"frame {self.config.frame}")
+        self._set_state(State.CONNECTED, f"connected to {self._peer} ({', '.join(details)})")
         self._watchdog = self.reactor.call_later(_WATCHDOG_INTERVAL, self._watch, sock)
+
+    def _connect_error(self, sock: _ClientSocket, error: int) -> str:
+        """The status line of a failed connect: the TCP connect, TLS, or authentication."""
+        stage = sock.handshake_stage
+        if stage == "tls":
+            return f"TLS handshake failed: {_reason(sock.error, error)} ({self._target})"
+        if stage == "auth":
+            text = _reason(sock.error, error)
+            prefix = "authentication failed: "  # HandshakeError's own words often start so
+            return f"{prefix}{text.removeprefix(prefix)} ({self._target})"
+        return f"cannot connect to {self._target}: {os.strerror(error)}"
 
     def _send(self, body: bytes, *, loop: bool) -> bool:
         sock = self._sock
@@ -985,7 +1020,8 @@ def run_tui(config: ClientConfig) -> int:
     """Run the interactive client on the terminal until the user quits.
 
     Args:
-        config: host, port (prefilled in the fields), frame, limits, header, timeouts.
+        config: host, port (prefilled in the fields), frame, limits, header, timeouts,
+            TLS context and server name, authentication key.
 
     Returns:
         The exit status: 0 after a normal quit, 1 if the app failed.

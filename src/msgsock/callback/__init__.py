@@ -21,7 +21,8 @@
   ``on_out_of_band``, with the notification rules of Winsock's ``WSAAsyncSelect``
   (see :mod:`msgsock.callback.socket`).
 - :class:`MessageSocket`: whole framed messages, ``on_message`` and a thread-safe
-  ``send_message`` that never loses the unsent part of a write (KB Q185728).
+  ``send_message`` that never loses the unsent part of a write (KB Q185728); TLS
+  (``ssl=``) and shared-key authentication (``auth_key=``) pumped by the reactor.
 - Dispatchers (:class:`QueueDispatcher`, :func:`direct`) deliver callbacks to
   another thread, e.g. a UI thread (KB Q192570).
 - :class:`WouldBlock`: Winsock's ``WSAEWOULDBLOCK``, a :class:`BlockingIOError`.
