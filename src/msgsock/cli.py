@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_args.non_negative_float,
         default=None,
         metavar="S",
-        help="0 = off (default 300)",
+        help="close a connection that sends nothing for S seconds (default 300; 0 = off)",
     )
     serve.add_argument(
         "--message-timeout",
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_args.non_negative_float,
         default=None,
         metavar="S",
-        help="default 10",
+        help="the PROXY header, TLS and authentication must complete within S (default 10)",
     )
     serve.add_argument(
         "--shutdown-timeout",
