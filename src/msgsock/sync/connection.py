@@ -535,6 +535,73 @@ class Connection:
 
     def _read(self, deadline: float | None, timeout: float | None) -> list[Any]:
         """One read: feed the decoder, return the messages it completed (maybe none)."""
+        view, discard = self._read_chunk(deadline, timeout)
+        protocol = self._protocol
+        in_frame = protocol.in_frame
+        try:
+            messages = protocol.receive_data(view)
+        except ProtocolError as exc:
+            self._protocol_failed(exc)
+        if self._enforce_limits and protocol.in_frame and (messages or not in_frame):
+            self._frame_start = time.monotonic()  # a new frame started in this read
+        if discard and messages:
+            self._discarded += len(messages)
+            return []
+        return messages
+
+    def _read_and_reply(self, handler: Callable[[Any], Any]) -> bytes:
+        """The threaded server's per-read step: read once, run ``handler`` on every
+        message, return the encoded replies to write in one call (SPEC §8).
+
+        Raises:
+            TypeError: the handler returned something that is neither bytes-like nor None.
+            ConnectionClosed, ProtocolError: as :meth:`_read`; whatever ``handler`` raises.
+        """
+        view, discard = self._read_chunk(None, None)
+        protocol = self._protocol
+        if discard:  # stopping: what arrives after our EOF cannot be answered
+            in_frame = protocol.in_frame
+            try:
+                messages = protocol.receive_data(view)
+            except ProtocolError as exc:
+                self._protocol_failed(exc)
+            self._discarded += len(messages)
+            if self._enforce_limits and protocol.in_frame and (messages or not in_frame):
+                self._frame_start = time.monotonic()
+            return b""
+        in_frame = protocol.in_frame
+        before = protocol.stats.messages_received
+        try:
+            out, other, _ = protocol.receive_and_reply(view, handler)
+        except ProtocolError as exc:
+            if exc is protocol.error:  # the peer's bytes, not the handler's reply
+                self._protocol_failed(exc)
+            raise
+        if (
+            self._enforce_limits
+            and protocol.in_frame
+            and (protocol.stats.messages_received != before or not in_frame)
+        ):
+            self._frame_start = time.monotonic()  # a new frame started in this read
+        if other is not None:
+            raise TypeError(f"handler returned {type(other).__name__}; expected bytes or None")
+        return out
+
+    def _write_reply(self, data: bytes) -> None:
+        """Write what :meth:`_read_and_reply` returned (under the send lock)."""
+        with self._send_lock:
+            try:
+                self._write([data])
+            except OSError as exc:
+                raise self._failed(exc) from exc
+
+    def _read_chunk(self, deadline: float | None, timeout: float | None) -> tuple[memoryview, bool]:
+        """Read once into the buffer; return the bytes read and whether to discard what they hold.
+
+        Raises:
+            ConnectionClosed: end of stream (clean at a frame boundary), reset, or closed.
+            ProtocolError: the error the previous read found after its whole messages.
+        """
         if self._rx_end is not None:
             raise ConnectionClosed(self._rx_end.clean, self._rx_end.reason)
         if self._sock_closed:
@@ -563,30 +630,19 @@ class Connection:
             with self._state_lock:
                 self._waiting = False
                 discard = self._discard
-        protocol = self._protocol
         if n == 0:
             if self._cancelled:  # our own shutdown(), not the peer's EOF
                 raise self._cancel_error("receive")
             if self._sock_closed:
                 raise self._local_closed()
             try:
-                protocol.receive_eof()
+                self._protocol.receive_eof()
             except ProtocolError as exc:  # IncompleteMessage
                 self._rx_end = self._broken = ConnectionClosed(False, f"incomplete message: {exc}")
                 raise ConnectionClosed(False, self._rx_end.reason) from exc
             self._rx_end = ConnectionClosed(True, "the peer closed the connection")
             raise ConnectionClosed(True, self._rx_end.reason)
-        in_frame = protocol.in_frame
-        try:
-            messages = protocol.receive_data(self._view[:n])
-        except ProtocolError as exc:
-            self._protocol_failed(exc)
-        if self._enforce_limits and protocol.in_frame and (messages or not in_frame):
-            self._frame_start = time.monotonic()  # a new frame started in this read
-        if discard and messages:
-            self._discarded += len(messages)
-            return []
-        return messages
+        return self._view[:n], discard
 
     def _receive_initial(self, data: bytes) -> None:
         """Take bytes that arrived with a handshake's last read: the start of the frames.

@@ -655,15 +655,15 @@ class ThreadedServer:
     @staticmethod
     def _pump(conn: Connection, handler: Handler) -> None:
         """Handle messages until the peer closes: one read, its replies in one write."""
-        send_message = conn._protocol.send_message
-        receive_batch = conn._receive_batch
-        flush = conn._flush
-        while True:
-            messages = receive_batch()
-            if not messages:
-                continue
-            for message in messages:
+        if conn._messages:  # frames that arrived with the handshake's last read
+            for message in conn._receive_batch():
                 reply = handler(message)
                 if reply is not None:
-                    send_message(reply)
-            flush()
+                    conn._protocol.send_message(reply)
+            conn._flush()
+        read_and_reply = conn._read_and_reply
+        write = conn._write_reply
+        while True:
+            out = read_and_reply(handler)
+            if out:
+                write(out)
