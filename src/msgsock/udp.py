@@ -279,7 +279,36 @@ class _DatagramPump:
 # -- the blocking server ---------------------------------------------------------------------
 
 
-class UdpServer:
+class _BoundServer:
+    """What the blocking and the asyncio datagram servers share: a bound address and a pump."""
+
+    _address: Any
+    _pump: _DatagramPump
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {format_address(self._address)}>"
+
+    @property
+    def address(self) -> Any:
+        """The bound address (the real port when 0 was asked)."""
+        return self._address
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return int(self._address[1])
+
+    @property
+    def max_size(self) -> int:
+        """The largest datagram accepted or sent."""
+        return self._pump.max_size
+
+    def statistics(self) -> ServerStatistics:
+        """Datagrams and bytes in and out, and ``errors`` (dropped datagrams, failed handlers or replies)."""
+        return self._pump.statistics()
+
+
+class UdpServer(_BoundServer):
     """A datagram server on its own thread: each datagram in, the handler's reply back (SPEC §5.4).
 
     The socket is bound in the constructor, so a bad address fails there and the
@@ -321,28 +350,6 @@ class UdpServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
-
-    def __repr__(self) -> str:
-        return f"<UdpServer {format_address(self._address)}>"
-
-    @property
-    def address(self) -> Any:
-        """The bound address (the real port when 0 was asked)."""
-        return self._address
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        return int(self._address[1])
-
-    @property
-    def max_size(self) -> int:
-        """The largest datagram accepted or sent."""
-        return self._pump.max_size
-
-    def statistics(self) -> ServerStatistics:
-        """Datagrams and bytes in and out, and ``errors`` (dropped datagrams, failed handlers or replies)."""
-        return self._pump.statistics()
 
     def start(self) -> None:
         """Start serving on a background thread.  Does nothing if already started.
@@ -486,11 +493,13 @@ class _AsyncPump(_DatagramPump):
                 self.start_reading()
 
 
-class AsyncUdpServer:
+class AsyncUdpServer(_BoundServer):
     """A datagram server on an asyncio loop (SPEC §5.4); made by :func:`serve_udp`.
 
     Use ``async with`` or call :meth:`close` then ``await`` :meth:`wait_closed`.
     """
+
+    _pump: _AsyncPump
 
     def __init__(self, pump: _AsyncPump, shutdown_timeout: float) -> None:
         self._pump = pump
@@ -498,28 +507,6 @@ class AsyncUdpServer:
         self._shutdown_timeout = shutdown_timeout
         self._closed = pump.loop.create_future()
         self._closer: asyncio.Task[None] | None = None
-
-    def __repr__(self) -> str:
-        return f"<AsyncUdpServer {format_address(self._address)}>"
-
-    @property
-    def address(self) -> Any:
-        """The bound address (the real port when 0 was asked)."""
-        return self._address
-
-    @property
-    def port(self) -> int:
-        """The bound port."""
-        return int(self._address[1])
-
-    @property
-    def max_size(self) -> int:
-        """The largest datagram accepted or sent."""
-        return self._pump.max_size
-
-    def statistics(self) -> ServerStatistics:
-        """Datagrams and bytes in and out, and ``errors`` (dropped datagrams, failed handlers or replies)."""
-        return self._pump.statistics()
 
     def is_serving(self) -> bool:
         """True until :meth:`close` is called."""
