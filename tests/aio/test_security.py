@@ -35,6 +35,7 @@ from msgsock.proxy import (
 )
 from tests.certs import Pki
 from tests.helpers import free_loopback6, unit
+from tests.tls_helpers import MemoryTls
 
 T = TypeVar("T")
 
@@ -211,51 +212,6 @@ async def read_to_end(reader: asyncio.StreamReader) -> bytes:
 def close_stream(stream: Stream) -> None:
     """Close a raw client at once."""
     stream[1].transport.abort()
-
-
-class MemoryTls:
-    """A blocking TLS client over memory BIOs, so a test decides which bytes go out in one write."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, host: str) -> None:
-        self.sock = sock
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=host)
-
-    def handshake(self, prefix: bytes = b"") -> None:
-        """Run the TLS handshake; ``prefix`` goes out in the same write as the ClientHello."""
-        while True:
-            try:
-                self.tls.do_handshake()
-                done = True
-            except ssl.SSLWantReadError:
-                done = False
-            out = prefix + self.outgoing.read()
-            prefix = b""
-            if out:
-                self.sock.sendall(out)
-            if done:
-                return
-            self._fill()
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise AssertionError("the server closed during the TLS exchange")
-        self.incoming.write(data)
-
-    def send(self, data: bytes) -> None:
-        self.tls.write(data)
-        self.sock.sendall(self.outgoing.read())
-
-    def recv_exactly(self, size: int) -> bytes:
-        data = bytearray()
-        while len(data) < size:
-            try:
-                data += self.tls.read(size - len(data))
-            except ssl.SSLWantReadError:
-                self._fill()
-        return bytes(data)
 
 
 def local_peer(stream: Stream) -> str:
