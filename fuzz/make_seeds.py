@@ -2,10 +2,11 @@
 
 Usage::
 
-    .venv/bin/python fuzz/make_seeds.py            # writes fuzz/corpus/{proxy,framing}/seed-*
+    .venv/bin/python fuzz/make_seeds.py            # writes fuzz/corpus/{proxy,framing,stages}/seed-*
 
-Seeds are valid streams (PROXY headers of every kind, frames of every format) so the
-fuzzer starts from deep inside the parsers instead of rediscovering the formats.
+Seeds are valid streams (PROXY headers of every kind, frames of every format, a
+frame behind each stage prefix of the stages harness) so the fuzzer starts from deep
+inside the parsers instead of rediscovering the formats.
 The auth and archive harnesses pick their structure through atheris'
 FuzzedDataProvider and start from an empty corpus.
 """
@@ -16,8 +17,9 @@ import sys
 from pathlib import Path
 
 from fuzz_framing import SPECS
+from fuzz_stages import PREFIXES
 
-from msgsock.framing import FrameFormat
+from msgsock.framing import FrameFormat, encode
 from msgsock.proxy import (
     PP2_TYPE_ALPN,
     PP2_TYPE_AUTHORITY,
@@ -80,6 +82,13 @@ def main() -> int:
         framing.append(stream + bytes([index, 0]))
         framing.append(stream[:-3] + bytes([index, 0x49]))  # ends inside a frame
     write(HERE / "corpus" / "framing", framing)
+
+    stages: list[bytes] = []
+    for prefix in range(len(PREFIXES)):
+        for config in range(8):  # PROXY, TLS, auth in every combination
+            for mode in (0, 3):  # Stages alone, MessageProtocol.receive_echo
+                stages.append(encode(b"hello") + bytes([config | mode << 3 | prefix << 5, 0x49]))
+    write(HERE / "corpus" / "stages", stages)
     return 0
 
 

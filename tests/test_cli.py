@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -262,3 +265,68 @@ def test_demo_runs_end_to_end() -> None:
     assert "Hello, msgsock!" in done.stdout
     assert "1000 rounds, all verified" in done.stdout
     assert "summary:" in done.stdout
+
+
+class _Flood:
+    """A client that sends frames as fast as it can on one thread and reads the echoes on another."""
+
+    FRAME = struct.pack(">I", 60) + b"f" * 60
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=unit(10))
+        self.sent = 0
+        self.echoed = 0
+        self.eof = threading.Event()
+        self.stop = threading.Event()
+        self.sender = threading.Thread(target=self._send, daemon=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.sender.start()
+        self.reader.start()
+
+    def _send(self) -> None:
+        batch = self.FRAME * 64
+        while not self.stop.is_set():
+            self.sock.sendall(batch)
+            self.sent += 64
+
+    def _read(self) -> None:
+        size = len(self.FRAME)
+        pending = b""
+        while chunk := self.sock.recv(1 << 16):
+            pending += chunk
+            whole = len(pending) // size
+            pending = pending[whole * size :]
+            self.echoed += whole
+        self.eof.set()
+
+    def finish(self, extra: int) -> None:
+        """After the server's EOF: stop flooding, send ``extra`` frames more, then our EOF."""
+        assert self.eof.wait(unit(10)), "the server never half-closed"
+        self.stop.set()
+        self.sender.join(unit(10))
+        self.sock.sendall(self.FRAME * extra)
+        self.sent += extra
+        self.sock.shutdown(socket.SHUT_WR)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_under_load_counts_late_messages_as_discarded(engine: str) -> None:
+    """SIGTERM while a client keeps sending (issue 10 defect 3): N messages in / N out, the rest discarded."""
+    with serve(*_engine(engine), "--shutdown-timeout", str(unit(10))) as server:
+        flood = _Flood(server.port)
+        try:
+            wait_for(lambda: flood.echoed > 1000, unit(10))
+            server.proc.send_signal(signal.SIGTERM)
+            flood.finish(extra=5)
+            assert server.stop() == 0
+            flood.reader.join(unit(10))
+        finally:
+            flood.sock.close()
+        summary = next(line for line in server.stdout if line.startswith("summary:"))
+        match = re.search(r"(\d+) messages in / (\d+) out \((\d+) discarded\)", summary)
+        assert match is not None, summary
+        received, sent, discarded = (int(n) for n in match.groups())
+        assert received == sent == flood.echoed, summary
+        assert discarded >= 5 and received + discarded == flood.sent, (summary, flood.sent)
+        assert summary.rstrip().endswith(" 0 errors"), summary
+        assert "Traceback" not in server.log

@@ -110,7 +110,9 @@ def test_oversize_messages_are_clear_errors() -> None:
         done = run_cli("client", "--udp", "--port", port, "--send", "fits")
         assert done.returncode == 0 and done.stdout.strip() == "fits"
         assert server.stop() == 0
-        assert _summary(server)[0].endswith("1 messages in / 1 out, 4 bytes in / 4 out, 1 errors (1 message too large)")
+        assert _summary(server)[0].endswith(
+            "1 messages in / 1 out, 4 bytes in / 4 out, 1 errors (1 message too large)"
+        )
         assert "Traceback" not in server.log
 
 

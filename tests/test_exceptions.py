@@ -13,6 +13,7 @@ from msgsock.exceptions import (
     Cancelled,
     ConcurrencyError,
     ConnectionClosed,
+    EndKind,
     EndOfData,
     FrameError,
     HandshakeError,
@@ -21,6 +22,7 @@ from msgsock.exceptions import (
     InvalidState,
     MessageTooLarge,
     MsgsockError,
+    OversizeMessage,
     ProtocolError,
     ProxyProtocolError,
     Timeout,
@@ -36,6 +38,7 @@ TREE: dict[type[Exception], type[Exception]] = {
     HandshakeError: ProtocolError,
     ProxyProtocolError: ProtocolError,
     InvalidFormat: MsgsockError,
+    OversizeMessage: MsgsockError,
     InvalidState: MsgsockError,
     ConcurrencyError: MsgsockError,
     Cancelled: MsgsockError,
@@ -52,18 +55,27 @@ def test_tree(cls: type[Exception], parent: type[Exception]) -> None:
 
 
 def test_all_is_complete_and_reexported() -> None:
-    """__all__ lists every exception, and the package re-exports each one."""
-    assert set(exceptions.__all__) == {c.__name__ for c in TREE} | {"MsgsockError"}
+    """__all__ lists every exception and EndKind, and the package re-exports each one."""
+    assert set(exceptions.__all__) == {c.__name__ for c in TREE} | {"MsgsockError", "EndKind"}
     for name in exceptions.__all__:
         assert getattr(msgsock, name) is getattr(exceptions, name)
         assert name in msgsock.__all__
 
 
 def test_standard_bases() -> None:
-    """InvalidFormat is also a ValueError and Timeout also a TimeoutError, so generic handlers catch them."""
+    """InvalidFormat and OversizeMessage are also ValueErrors and Timeout a TimeoutError, so generic handlers catch them."""
     assert issubclass(InvalidFormat, ValueError)
+    assert issubclass(OversizeMessage, ValueError)
     assert issubclass(Timeout, TimeoutError)
     assert not issubclass(ProtocolError, OSError)
+    assert not issubclass(OversizeMessage, ProtocolError)  # our mistake, not the peer's
+
+
+def test_oversize_message_fields() -> None:
+    """OversizeMessage carries size and max_size and says it is this side's message that cannot be sent."""
+    exc = OversizeMessage(17, 16)
+    assert (exc.size, exc.max_size) == (17, 16)
+    assert str(exc) == "cannot send a message of 17 bytes: the frame allows at most 16"
 
 
 def test_message_too_large_fields() -> None:
@@ -92,11 +104,66 @@ def test_archive_error_fields() -> None:
 
 
 def test_connection_closed_fields() -> None:
-    """ConnectionClosed carries clean and reason and says how it closed."""
+    """ConnectionClosed carries clean, reason and kind and says how it closed."""
     assert str(ConnectionClosed(True)) == "connection closed cleanly"
-    exc = ConnectionClosed(False, "reset by peer")
-    assert (exc.clean, exc.reason) == (False, "reset by peer")
+    exc = ConnectionClosed(False, "reset by peer", EndKind.RESET)
+    assert (exc.clean, exc.reason, exc.kind) == (False, "reset by peer", EndKind.RESET)
     assert str(exc) == "connection closed abnormally: reset by peer"
+
+
+def test_connection_closed_kind_defaults() -> None:
+    """Without a kind, a clean close is CLEAN and any other an OS_ERROR."""
+    assert ConnectionClosed(True).kind is EndKind.CLEAN
+    assert ConnectionClosed(False, "x").kind is EndKind.OS_ERROR
+
+
+def test_end_kind_values_are_the_summary_names() -> None:
+    """Each EndKind's value is the short name the servers' summaries count under."""
+    assert {kind.name: kind.value for kind in EndKind} == {
+        "CLEAN": "clean",
+        "HEALTH_CHECK": "health check",
+        "SHUTDOWN": "shutdown",
+        "ABORTED": "aborted",
+        "REJECTED": "rejected",
+        "RESET": "reset",
+        "INCOMPLETE_MESSAGE": "incomplete message",
+        "MESSAGE_TOO_LARGE": "message too large",
+        "FRAME_ERROR": "frame error",
+        "IDLE_TIMEOUT": "idle timeout",
+        "MESSAGE_TIMEOUT": "message timeout",
+        "HANDSHAKE_TIMEOUT": "handshake timeout",
+        "CLOSE_TIMEOUT": "close timeout",
+        "SHUTDOWN_DEADLINE": "shutdown deadline",
+        "HANDLER_ERROR": "handler error",
+        "PROXY_PROTOCOL": "proxy protocol",
+        "TLS": "tls",
+        "AUTHENTICATION": "authentication",
+        "OS_ERROR": "os error",
+    }
+
+
+def test_end_kind_properties() -> None:
+    """Only clean ends and health checks are clean; clean, health check, shutdown and abort are no errors; SPEC §5.0's resets."""
+    assert {k for k in EndKind if k.clean} == {EndKind.CLEAN, EndKind.HEALTH_CHECK}
+    assert {k for k in EndKind if not k.is_error} == {
+        EndKind.CLEAN,
+        EndKind.HEALTH_CHECK,
+        EndKind.SHUTDOWN,
+        EndKind.ABORTED,
+    }
+    assert {k for k in EndKind if k.resets} == {
+        EndKind.ABORTED,
+        EndKind.REJECTED,
+        EndKind.HANDLER_ERROR,
+        EndKind.IDLE_TIMEOUT,
+        EndKind.MESSAGE_TIMEOUT,
+        EndKind.HANDSHAKE_TIMEOUT,
+        EndKind.CLOSE_TIMEOUT,
+        EndKind.SHUTDOWN_DEADLINE,
+        EndKind.SHUTDOWN,
+    }
+    # A peer's protocol error and a failed stage flush what is owed (a TLS alert, the rejection byte) first.
+    assert not any(k.resets for k in (EndKind.MESSAGE_TOO_LARGE, EndKind.TLS, EndKind.AUTHENTICATION))
 
 
 EXAMPLES: list[Exception] = [
@@ -117,6 +184,8 @@ EXAMPLES: list[Exception] = [
     Cancelled("cancelled"),
     ConnectionClosed(True),
     ConnectionClosed(False, "reset"),
+    ConnectionClosed(False, "idle timeout: nothing received for 1 s", EndKind.IDLE_TIMEOUT),
+    OversizeMessage(17, 16),
     Timeout("receive timed out after 1.0 s"),
 ]
 

@@ -19,6 +19,7 @@ from msgsock.exceptions import (
     IncompleteMessage,
     InvalidFormat,
     MessageTooLarge,
+    OversizeMessage,
     ProtocolError,
 )
 from msgsock.framing import (
@@ -544,7 +545,7 @@ def test_u8_including_header_limits() -> None:
     frame = fmt.encode(body)
     assert frame == b"\xff" + body
     assert fmt.decoder().feed(frame) == [body]
-    with pytest.raises(MessageTooLarge) as info:
+    with pytest.raises(OversizeMessage) as info:
         fmt.encode(body + b"x")
     assert (info.value.size, info.value.max_size) == (255, 254)
 
@@ -562,13 +563,15 @@ def test_u8_including_header_limits() -> None:
 def test_encode_too_large_raises_before_returning(
     spec: str, max_size: int | None, size: int, limit: int
 ) -> None:
-    """Encoding a body above max_size or the field's range raises MessageTooLarge and returns nothing."""
+    """Encoding a body above max_size or the field's range raises OversizeMessage (our mistake, not a ProtocolError)."""
     fmt = FrameFormat.parse(spec, max_size=max_size)
     body = bytes(size)
     for call in (fmt.encode, fmt.encode_parts, lambda b: fmt.encode_header(len(b))):
-        with pytest.raises(MessageTooLarge) as info:
+        with pytest.raises(OversizeMessage) as info:
             call(body)
         assert (info.value.size, info.value.max_size) == (size, limit)
+        assert isinstance(info.value, ValueError) and not isinstance(info.value, ProtocolError)
+        assert str(info.value) == f"cannot send a message of {size} bytes: the frame allows at most {limit}"
     assert len(fmt.encode(bytes(limit))) == fmt.header_size + limit
 
 
@@ -697,6 +700,20 @@ def test_message_carries_header_and_is_bytes() -> None:
     copy = pickle.loads(pickle.dumps(msg))
     assert (type(copy), copy, copy.header) == (Message, msg, msg.header)
     assert Message(b"z").header == {}
+
+
+def test_message_subclass_keeps_its_header_when_encoded() -> None:
+    """A subclass of Message (an application's own message type) is encoded with its header, like a Message."""
+
+    class Request(Message):
+        pass
+
+    fmt = FrameFormat.parse("u16be+kind:B")
+    request = Request(b"abc", {"kind": 9})
+    assert fmt.encode(request) == bytes.fromhex("0003 09 616263")
+    head, body = fmt.encode_parts(request)
+    assert (head, body) == (bytes.fromhex("0003 09"), request)
+    assert fmt.encode(request, {"kind": 1}) == bytes.fromhex("0003 01 616263")  # an explicit header wins
 
 
 def test_field_names_in_wire_order() -> None:

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -54,7 +55,9 @@ class FaultyServer:
     ``drop`` never answers it, ``dup`` answers it twice, ``swap`` answers it after the
     next one, ``flip`` flips a bit of its last byte, ``header`` flips a bit of its extra
     header fields, ``truncate`` half-closes the connection after answering ``at``
-    messages (and reads on until the client closes).
+    messages (and reads on until the client closes), ``cut`` sends half of the reply to
+    ``at`` and then half-closes, ``garbage`` answers ``at`` with a frame header above
+    any max_size, ``reset`` resets the connection instead of answering ``at``.
     """
 
     def __init__(
@@ -125,6 +128,19 @@ class FaultyServer:
                     reply = self._reply(m)
                     if fault == "drop" and i == self.at:
                         continue
+                    if fault == "garbage" and i == self.at:
+                        out += b"\xff\xff\xff\xff"
+                        continue
+                    if fault == "reset" and i == self.at:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return  # (closed by the finally clause: a reset)
+                    if fault == "cut" and i == self.at:
+                        frame = self.frame.encode(reply)
+                        sock.sendall(out + frame[: len(frame) // 2])
+                        sock.shutdown(socket.SHUT_WR)
+                        while sock.recv(65536):  # read on until the client closes
+                            pass
+                        return
                     if fault == "swap" and i == self.at:
                         held = reply
                         continue
@@ -549,6 +565,50 @@ def test_late_drop_in_a_deep_run_is_lost(make_server: Any) -> None:
     assert report["messages"]["verified"] == 999
 
 
+GENERAL_AND_STREAM = [pytest.param([], id="stream"), pytest.param(["--size", "20-100"], id="general")]
+
+
+@pytest.mark.parametrize("mode", GENERAL_AND_STREAM)
+def test_bad_frame_header_from_the_server(make_server: Any, mode: list[str]) -> None:
+    """A reply whose header declares a frame above max_size: one `protocol` connection with the
+    core's reason (the replies before it verify), its unanswered message aborted."""
+    server = make_server(fault="garbage", at=3)
+    code, report, err = stress_json("--port", str(server.port), "-n", "20", *mode)
+    assert code == 1
+    only_errors(report, protocol=1, aborted=1)
+    assert report["messages"]["verified"] == 3
+    assert report["error_examples"] == [
+        "conn 0: bad frame from the server: message size 4294967295 exceeds max_size 16777216"
+    ]
+    assert "1 connection broke the frame format" in err
+
+
+@pytest.mark.parametrize("mode", GENERAL_AND_STREAM)
+def test_reply_cut_short_by_the_server(make_server: Any, mode: list[str]) -> None:
+    """A server that ends its stream in the middle of a reply: `closed`, the core saying how far
+    the frame got (an incomplete message); the message it was answering is aborted."""
+    server = make_server(fault="cut", at=3)
+    code, report, _ = stress_json("--port", str(server.port), "-n", "20", *mode)
+    assert code == 1
+    only_errors(report, closed=1, aborted=1)
+    assert report["messages"]["verified"] == 3
+    [example] = report["error_examples"]
+    assert example.startswith("conn 0: closed by the server after 3 messages (stream ended after ")
+    assert example.endswith(" of an unfinished frame)")
+
+
+@pytest.mark.parametrize("mode", GENERAL_AND_STREAM)
+def test_reset_by_the_server(make_server: Any, mode: list[str]) -> None:
+    """A server that resets the connection: `reset`, worded once by the core."""
+    server = make_server(fault="reset", at=3)
+    code, report, err = stress_json("--port", str(server.port), "-n", "20", *mode)
+    assert code == 1
+    only_errors(report, reset=1, aborted=1)
+    assert report["messages"]["verified"] == 3
+    assert report["error_examples"] == ["conn 0: receive: connection reset by peer"]
+    assert "1 connection reset" in err
+
+
 def test_truncated_connection(make_server: Any) -> None:
     """A server that closes after K replies: one connection closed, its unanswered message aborted."""
     server = make_server(fault="truncate", at=5)
@@ -797,6 +857,20 @@ def test_payload_layout_and_matchers() -> None:
         exp = rev.expected(3, seq)
         assert exp == b"".join(rev.body_parts(3, seq, n))[::-1]
         assert rev.matcher()(exp, 3, seq)
+
+
+def test_every_end_kind_counts_under_a_report_kind() -> None:
+    """How a connection ended is the core's EndKind; each one counts under one kind of the report."""
+    from msgsock import stress as mod
+    from msgsock.exceptions import EndKind
+
+    assert {mod._report_kind(kind) for kind in EndKind} <= set(ERROR_KINDS)
+    assert mod._report_kind(EndKind.CLEAN) == mod._report_kind(EndKind.INCOMPLETE_MESSAGE) == "closed"
+    assert mod._report_kind(EndKind.MESSAGE_TOO_LARGE) == mod._report_kind(EndKind.FRAME_ERROR) == "protocol"
+    assert mod._report_kind(EndKind.RESET) == mod._report_kind(EndKind.OS_ERROR) == "reset"
+    assert mod._report_kind(EndKind.TLS) == "tls"
+    assert mod._report_kind(EndKind.AUTHENTICATION) == "auth"
+    assert mod._report_kind(EndKind.HANDSHAKE_TIMEOUT) == "timeout"
 
 
 def test_first_difference() -> None:

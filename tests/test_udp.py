@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from msgsock.exceptions import MessageTooLarge, Timeout
+from msgsock.exceptions import MessageTooLarge, OversizeMessage, Timeout
 from msgsock.framing import Message
 from msgsock.udp import (
     DEFAULT_MAX_SIZE,
@@ -153,13 +153,14 @@ def test_sync_receive_from_times_out(host: str, sockets: list[socket.socket]) ->
 
 
 def test_sync_oversize_send_is_rejected_before_sending(host: str, sockets: list[socket.socket]) -> None:
-    """A datagram above max_size raises MessageTooLarge and nothing reaches the peer."""
+    """A datagram of ours above max_size raises OversizeMessage (API misuse) and nothing reaches the peer."""
     peer = silent_socket(host, sockets)
     with UdpClient(host, peer.getsockname()[1], max_size=100) as client:
-        with pytest.raises(MessageTooLarge) as info:
+        with pytest.raises(OversizeMessage) as info:
             client.request(b"x" * 101)
         assert (info.value.size, info.value.max_size) == (101, 100)
-        with pytest.raises(MessageTooLarge):
+        assert not isinstance(info.value, MessageTooLarge)  # not the peer's fault
+        with pytest.raises(OversizeMessage):
             client.send_to(b"y" * 101)
         client.send_to(b"z" * 100)  # exactly max_size is fine
     peer.settimeout(unit(2))
@@ -180,6 +181,7 @@ def test_sync_oversize_datagram_is_dropped_and_logged(
             assert client.request(b"z" * 100) == b"z" * 100
         stats = server.statistics()
     assert stats.errors == 2
+    assert stats.error_kinds == {"message too large": 2}
     assert stats.messages_received == 1
     warnings = [r.getMessage() for r in server_logs.records if r.levelno == logging.WARNING]
     peer = raw.getsockname()
@@ -251,9 +253,11 @@ def test_sync_handler_exception_is_logged_and_serving_goes_on(
             c.request(b"bad")
         c.timeout = unit(2)
         assert c.request(b"good") == b"good"
-        assert server.statistics().errors == 1
+        stats = server.statistics()
+        assert stats.errors == 1 and stats.error_kinds == {"handler error": 1}
     errors = [r for r in server_logs.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "ValueError: no thanks" in errors[0].getMessage()
+    assert len(errors) == 1
+    assert errors[0].getMessage().endswith(": handler raised ValueError: no thanks; no reply")
     assert errors[0].exc_info is not None
 
 
@@ -265,8 +269,80 @@ def test_sync_reply_above_max_size_is_dropped(host: str, server_logs: pytest.Log
     ):
         with pytest.raises(Timeout):
             client.request(b"0123456789")
-        assert server.statistics().errors == 1
-    assert any("reply dropped" in r.getMessage() and "200" in r.getMessage() for r in server_logs.records)
+        stats = server.statistics()
+        assert stats.errors == 1 and stats.error_kinds == {"handler error": 1}  # the handler's fault
+    errors = [r.getMessage() for r in server_logs.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "reply dropped" in errors[0] and "200 bytes" in errors[0]
+
+
+class Picky:
+    """A handler that answers ``good`` and gets ``bad`` wrong: it returns ``str`` (or raises)."""
+
+    def __init__(self, fault: str) -> None:
+        self.fault = fault
+
+    def __call__(self, message: bytes) -> Any:
+        if message != b"bad":
+            return message
+        if self.fault == "raise":
+            raise ValueError("boom")
+        if self.fault == "int":
+            return 42
+        return "not bytes"
+
+
+WRONG_REPLIES = [
+    pytest.param("str", "handler returned str; expected bytes, bytearray, memoryview or None", id="str"),
+    pytest.param("int", "handler returned int; expected bytes, bytearray, memoryview or None", id="int"),
+    pytest.param("raise", "handler raised ValueError: boom", id="raise"),
+]
+
+
+@pytest.mark.parametrize(("fault", "reason"), WRONG_REPLIES)
+def test_sync_wrong_reply_never_kills_the_server(
+    host: str, server_logs: pytest.LogCaptureFixture, fault: str, reason: str
+) -> None:
+    """A handler that returns str (or another wrong type, or raises) gets the TCP servers' reply check:
+    that datagram gets no reply, one error line, one `handler error`; the server thread serves on."""
+    with (
+        UdpServer(Picky(fault), host, 0) as server,
+        UdpClient(host, server.port, timeout=unit(0.1), retries=0) as client,
+    ):
+        for _ in range(2):
+            with pytest.raises(Timeout):
+                client.request(b"bad")
+        client.timeout = unit(2)
+        assert client.request(b"good") == b"good"  # the thread is alive
+        wait_for(lambda: server.statistics().messages_sent == 1)  # counted just after the send
+        stats = server.statistics()
+    assert (stats.errors, stats.error_kinds) == (2, {"handler error": 2})
+    assert stats.messages_received == 3 and stats.messages_sent == 1
+    errors = [r for r in server_logs.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage().split(": ", 1)[1] for r in errors] == [f"{reason}; no reply"] * 2
+    assert all(r.getMessage().split(": ", 1)[0].startswith(("127.0.0.1:", "[::1]:")) for r in errors)
+    assert all((r.exc_info is not None) == (fault == "raise") for r in errors)  # a traceback for a raise
+
+
+def test_sync_server_refuses_a_coroutine_handler(
+    server_logs: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    """A coroutine function on the blocking server is a wrong reply (counted, logged), never a dead thread
+    or a "coroutine was never awaited" warning."""
+
+    async def echo(message: bytes) -> bytes:
+        return message
+
+    with (
+        UdpServer(echo, "127.0.0.1", 0) as server,
+        UdpClient("127.0.0.1", server.port, timeout=unit(0.1), retries=0) as client,
+    ):
+        with pytest.raises(Timeout):
+            client.request(b"x")
+        wait_for(lambda: server.statistics().errors == 1)
+        assert server.statistics().error_kinds == {"handler error": 1}
+    errors = [r.getMessage() for r in server_logs.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "an async handler needs the asyncio server" in errors[0]
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 
 def test_sync_message_reply_keeps_working() -> None:
@@ -429,20 +505,35 @@ def test_async_reverse_and_coroutine_handler(runner: asyncio.Runner, host: str) 
 def test_async_oversize_send_is_rejected(
     runner: asyncio.Runner, host: str, sockets: list[socket.socket]
 ) -> None:
-    """An async send above max_size raises MessageTooLarge before anything is sent."""
+    """An async send above max_size raises OversizeMessage before anything is sent."""
     peer = silent_socket(host, sockets)
 
     async def main() -> None:
         async with await open_udp_client(host, peer.getsockname()[1], max_size=10) as client:
-            with pytest.raises(MessageTooLarge):
+            with pytest.raises(OversizeMessage):
                 await client.request(b"x" * 11)
-            with pytest.raises(MessageTooLarge):
+            with pytest.raises(OversizeMessage):
                 await client.send_to(b"x" * 11)
             await client.send_to(b"ok")
 
     run(runner, main())
     peer.settimeout(unit(2))
     assert peer.recv(100) == b"ok"
+
+
+def test_async_client_rejects_oversize_reply(runner: asyncio.Runner, host: str) -> None:
+    """A reply above the async client's max_size raises MessageTooLarge: the peer's fault, not ours."""
+
+    async def main() -> None:
+        async with (
+            await serve_udp(lambda m: b"r" * 50, host, 0) as server,
+            await open_udp_client(host, server.port, timeout=unit(2), max_size=10) as client,
+        ):
+            with pytest.raises(MessageTooLarge) as info:
+                await client.request(b"hi")
+            assert not isinstance(info.value, OversizeMessage)
+
+    run(runner, main())
 
 
 def test_async_oversize_datagram_dropped_and_logged(
@@ -458,7 +549,8 @@ def test_async_oversize_datagram_dropped_and_logged(
             raw.sendto(b"x" * 500, server.address)
             async with await open_udp_client(host, server.port, timeout=unit(2), max_size=100) as client:
                 assert await client.request(b"fine") == b"fine"
-            assert server.statistics().errors == 1
+            stats = server.statistics()
+            assert stats.errors == 1 and stats.error_kinds == {"message too large": 1}
 
     run(runner, main())
     warnings = [r.getMessage() for r in server_logs.records if r.levelno == logging.WARNING]
@@ -466,6 +558,43 @@ def test_async_oversize_datagram_dropped_and_logged(
     assert str(raw.getsockname()[1]) in warnings[0]
     if LINUX:
         assert "500 bytes" in warnings[0]
+
+
+@pytest.mark.parametrize("coroutine", [False, True], ids=["plain", "coroutine"])
+@pytest.mark.parametrize(("fault", "reason"), WRONG_REPLIES)
+def test_async_wrong_reply_is_counted_and_serving_goes_on(
+    runner: asyncio.Runner, server_logs: pytest.LogCaptureFixture, fault: str, reason: str, coroutine: bool
+) -> None:
+    """serve_udp checks a handler's reply (or a coroutine's result) as the TCP servers do: one error line,
+    one `handler error`, no reply, no uncounted asyncio traceback; the next datagram is served."""
+    server_logs.set_level(logging.WARNING, logger="asyncio")
+    picky = Picky(fault)
+
+    async def coro(message: bytes) -> Any:
+        await asyncio.sleep(0)
+        return picky(message)
+
+    handler: Any = coro if coroutine else picky
+    loop_errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        async with await serve_udp(handler, "127.0.0.1", 0) as server:
+            async with await open_udp_client(
+                "127.0.0.1", server.port, timeout=unit(0.1), retries=0
+            ) as client:
+                with pytest.raises(Timeout):
+                    await client.request(b"bad")
+                client.timeout = unit(2)
+                assert await client.request(b"good") == b"good"
+            stats = server.statistics()
+            assert (stats.errors, stats.error_kinds) == (1, {"handler error": 1})
+
+    run(runner, main())
+    assert not loop_errors
+    errors = [r for r in server_logs.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage().split(": ", 1)[1] for r in errors] == [f"{reason}; no reply"]
+    assert (errors[0].exc_info is not None) == (fault == "raise")
 
 
 def test_async_timeout_and_retries(runner: asyncio.Runner, host: str, sockets: list[socket.socket]) -> None:

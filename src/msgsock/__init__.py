@@ -17,6 +17,7 @@ from .exceptions import (
     Cancelled,
     ConcurrencyError,
     ConnectionClosed,
+    EndKind,
     EndOfData,
     FrameError,
     HandshakeError,
@@ -25,6 +26,7 @@ from .exceptions import (
     InvalidState,
     MessageTooLarge,
     MsgsockError,
+    OversizeMessage,
     ProtocolError,
     ProxyProtocolError,
     Timeout,
@@ -39,7 +41,9 @@ from .framing import (
     Message,
     encode,
 )
-from .protocol import DEFAULT_LIMITS, Limits, MessageProtocol, ServerStatistics, State, Statistics
+from .protocol import DEFAULT_LIMITS, Action, End, Limits, MessageProtocol, State, Statistics
+from .serving import ServerProtocol, ServerStatistics
+from .stages import Stage, Stages
 
 __version__ = "0.1.0"
 
@@ -48,12 +52,15 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_SIZE",
     "PRESETS",
+    "Action",
     "ArchiveError",
     "ArchiveReader",
     "ArchiveWriter",
     "Cancelled",
     "ConcurrencyError",
     "ConnectionClosed",
+    "End",
+    "EndKind",
     "EndOfData",
     "FrameDecoder",
     "FrameError",
@@ -68,9 +75,13 @@ __all__ = [
     "MessageProtocol",
     "MessageTooLarge",
     "MsgsockError",
+    "OversizeMessage",
     "ProtocolError",
     "ProxyProtocolError",
+    "ServerProtocol",
     "ServerStatistics",
+    "Stage",
+    "Stages",
     "State",
     "Statistics",
     "Timeout",

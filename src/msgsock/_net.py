@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any
 
-__all__ = ["DEFAULT_LOGGER", "format_address", "server_logger", "set_nodelay"]
+__all__ = ["DEFAULT_LOGGER", "server_logger", "set_nodelay"]
 
 DEFAULT_LOGGER = "msgsock.server"
 """The logger every server (asyncio, threaded, UDP) writes to unless given another."""
@@ -15,22 +14,6 @@ DEFAULT_LOGGER = "msgsock.server"
 def server_logger(logger: logging.Logger | None) -> logging.Logger:
     """Return ``logger``, or the servers' shared default ``logging.getLogger("msgsock.server")``."""
     return logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
-
-
-def format_address(address: Any) -> str:
-    """Format a socket address for logs: ``127.0.0.1:9898``, ``[::1]:9898``, or str() of anything else.
-
-    ``None`` (a peer that reset the connection before its address could be read)
-    becomes ``unknown peer``.
-    """
-    if address is None:
-        return "unknown peer"
-    if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        if ":" in str(host):
-            return f"[{host}]:{port}"
-        return f"{host}:{port}"
-    return str(address)
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -7,15 +7,15 @@ data with an MFC program that uses ``CSocket`` + ``CSocketFile`` + ``CArchive``.
 
 Wire rules (little-endian, as an x86 MFC program writes them):
 
-===============================  ======  ==============================================
-MFC type                         bytes   methods
-===============================  ======  ==============================================
-BYTE / char / bool               1       ``byte`` (0..255), ``char`` (-128..127), ``bool``
-WORD / short / wchar_t           2       ``word``, ``short``, ``wchar``
-LONG / DWORD / int / UINT / BOOL 4       ``long``, ``dword``, ``int``, ``unsigned``, ``bool32``
-float                            4       ``float`` (IEEE 754 single)
-LONGLONG / ULONGLONG / double    8       ``longlong``, ``ulonglong``, ``double``
-===============================  ======  ==============================================
+================================  ======  ==============================================
+MFC type                          bytes   methods
+================================  ======  ==============================================
+BYTE / char / bool                1       ``byte`` (0..255), ``char`` (-128..127), ``bool``
+WORD / short / wchar_t            2       ``word``, ``short``, ``wchar``
+LONG / DWORD / int / UINT / BOOL  4       ``long``, ``dword``, ``int``, ``unsigned``, ``bool32``
+float                             4       ``float`` (IEEE 754 single)
+LONGLONG / ULONGLONG / double     8       ``longlong``, ``ulonglong``, ``double``
+================================  ======  ==============================================
 
 A ``CString`` is a length prefix then the characters (``AfxWriteStringLength``):
 

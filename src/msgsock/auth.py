@@ -174,6 +174,11 @@ class _Handshake:
         return self._state is _State.DONE
 
     @property
+    def heard_from_peer(self) -> bool:
+        """True once any byte of the peer's handshake has arrived."""
+        return self.peer_nonce is not None or bool(self._buf)
+
+    @property
     def error(self) -> HandshakeError | None:
         """Why the handshake failed, if it did."""
         return self._error

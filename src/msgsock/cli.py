@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, _args
 from .framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
 from .protocol import DEFAULT_LIMITS, Limits
-from .server import ENGINES
 from .udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
 from .udp import DEFAULT_RETRIES as UDP_RETRIES
 from .udp import DEFAULT_TIMEOUT as UDP_TIMEOUT
@@ -102,6 +101,10 @@ def _add_frame_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``msgsock`` argument parser."""
+    # Imported here, not at the top: ``msgsock.stress`` imports this module for the
+    # security options and has no use for the server engines.
+    from .server import ENGINES
+
     parser = argparse.ArgumentParser(
         prog="msgsock", description="Whole messages over TCP and UDP: servers, clients and a load generator."
     )
@@ -561,7 +564,7 @@ def _udp_client(args: argparse.Namespace, *, timeout: float, retries: int, max_s
     Raises:
         _UdpClientError: the host does not resolve, no reply, a size or system error.
     """
-    from .exceptions import MessageTooLarge, Timeout
+    from .exceptions import MessageTooLarge, OversizeMessage, Timeout
     from .udp import UdpClient
 
     where = f"{args.host}:{args.port}"
@@ -576,8 +579,10 @@ def _udp_client(args: argparse.Namespace, *, timeout: float, retries: int, max_s
             yield client
     except Timeout as exc:  # "no reply from HOST:PORT after N tries of T s"
         raise _UdpClientError(str(exc)) from None
-    except MessageTooLarge as exc:  # only a reply gets here: a request is checked before
+    except MessageTooLarge as exc:  # the server's reply was too large (its fault)
         raise _UdpClientError(f"a reply of {exc.size} bytes is above --max-size {exc.max_size}") from None
+    except OversizeMessage as exc:  # not reached: _udp_request checks a request first, naming it
+        raise _UdpClientError(f"a message of {exc.size} bytes is above --max-size {exc.max_size}") from None
     except OSError as exc:
         raise _UdpClientError(f"cannot send to {where}: {exc.strerror or exc}") from None
 

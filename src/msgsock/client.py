@@ -21,10 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ._net import format_address
 from .exceptions import ConnectionClosed, HandshakeError, MsgsockError, Timeout
 from .framing import DEFAULT_FORMAT, FrameFormat, Message
-from .protocol import DEFAULT_LIMITS, Limits
+from .protocol import DEFAULT_LIMITS, Limits, format_address
 from .sync import Connection, connect
 
 __all__ = ["ClientConfig", "ClientError", "escape_text", "run_lines", "run_rounds"]
@@ -87,6 +86,8 @@ def _connect(config: ClientConfig) -> Connection:
         )
     except HandshakeError as exc:
         raise ClientError(f"{where}: {exc}") from None
+    except ConnectionClosed as exc:  # a stage failed: the core's reason (TLS, authentication)
+        raise ClientError(f"cannot connect to {where}: {exc.reason or exc}") from None
     except ssl_module.SSLCertVerificationError as exc:
         raise ClientError(f"TLS with {where} failed: {exc.verify_message or exc}") from None
     except ssl_module.SSLError as exc:

@@ -24,7 +24,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from .exceptions import FrameError, IncompleteMessage, InvalidFormat, MessageTooLarge, ProtocolError
+from .exceptions import (
+    FrameError,
+    IncompleteMessage,
+    InvalidFormat,
+    MessageTooLarge,
+    OversizeMessage,
+    ProtocolError,
+)
 
 __all__ = [
     "DEFAULT_FORMAT",
@@ -272,11 +279,12 @@ class FrameFormat:
             header: values of the extra fields; missing fields are 0.
 
         Raises:
-            MessageTooLarge: ``size`` is above ``max_size`` or the length field's range.
+            OversizeMessage: ``size`` is above ``max_size`` or the length field's range
+                (this side's mistake, not the peer's: see ``MessageTooLarge``).
             InvalidFormat: an unknown field name or a value its struct code cannot hold.
         """
         if size > self.max_body:
-            raise MessageTooLarge(size, self.max_body)
+            raise OversizeMessage(size, self.max_body)
         length = size + self.header_size if self.length_includes_header else size
         if not self._names:
             if header:
@@ -310,9 +318,9 @@ class FrameFormat:
         When ``header`` is None and ``body`` is a :class:`Message`, its header is used.
 
         Raises:
-            MessageTooLarge, InvalidFormat: as :meth:`encode_header`.
+            OversizeMessage, InvalidFormat: as :meth:`encode_header`.
         """
-        if header is None and type(body) is Message:
+        if header is None and isinstance(body, Message):
             header = body.header
         size = body.nbytes if isinstance(body, memoryview) else len(body)
         return self.encode_header(size, header), body
@@ -321,7 +329,7 @@ class FrameFormat:
         """Return one whole frame as bytes.
 
         Raises:
-            MessageTooLarge, InvalidFormat: as :meth:`encode_header`.
+            OversizeMessage, InvalidFormat: as :meth:`encode_header`.
         """
         head, body = self.encode_parts(body, header)
         return head + bytes(body)

@@ -58,9 +58,9 @@ from multiprocessing.connection import wait as wait_any
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._net import format_address
 from .framing import DEFAULT_FORMAT, FrameFormat, Message
-from .protocol import DEFAULT_LIMITS, Limits, ServerStatistics
+from .protocol import DEFAULT_LIMITS, Limits, format_address
+from .serving import ServerStatistics
 
 if TYPE_CHECKING:
     from . import aio
@@ -274,10 +274,13 @@ def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
         try:
             await stop.wait()
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(signum)
-            server.close()
-            await server.wait_closed()
+            try:
+                # The handlers stay while the server drains: a second signal changes nothing.
+                server.close()
+                await server.wait_closed()
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
         return server.statistics()
 
     return aio.run(main())

@@ -51,22 +51,35 @@ or **reset** by the server mid-run, or send bytes that break the frame format
 (**protocol**) are counted per connection; the messages they still owed are
 **aborted**.  Every kind is counted separately; any of them makes the exit status 1.
 
+How a connection ended is decided by the sans-I/O core, never read from message
+text: a socket error is worded and classified by
+:func:`msgsock.protocol.describe_os_error`, a failed stage by its
+:class:`~msgsock.stages.StageFailure`, a bad frame or a stream cut mid-frame by the
+connection's :class:`~msgsock.protocol.MessageProtocol` (general mode).  Each
+:class:`~msgsock.exceptions.EndKind` counts under one kind of this report
+(``_REPORT_KIND``): ``reset`` and ``os error`` as **reset**, a clean end or an
+incomplete message as **closed**, ``message too large`` and ``frame error`` as
+**protocol**, ``tls`` as **tls**, ``authentication`` as **auth**, ``handshake
+timeout`` as **timeout**.
+
 TLS and authentication (``--tls``/``--tls-ca``/``--tls-cert``, ``--auth-key-file``;
-SPEC §4.2, §7): while the connections open, each one runs, after its TCP connect, the
-TLS handshake and then the client side of the shared-key handshake
-(:class:`msgsock.auth.ClientHandshake`), non-blocking in the same poll loop as the
-connects, so many connections handshake at once and ``--connect-rate`` still paces
-them; TCP connect and handshakes together must finish within ``--timeout``.  A
+SPEC §4.2, §7): after its TCP connect each connection runs the client side of the
+core's stages (:class:`msgsock.stages.Stages`: the TLS handshake through an
+``ssl.SSLObject`` over memory BIOs, then the shared-key handshake), non-blocking in
+the same poll loop as the connects: the bytes read go to the stages, what they want
+sent is written.  So many connections handshake at once and ``--connect-rate`` still
+paces them; TCP connect and stages together must finish within ``--timeout``.  A
 connection whose TLS handshake fails (an untrusted or expired certificate, a server
 that does not speak TLS) counts as **tls**, one whose authentication fails (a wrong
-key, a server without a key) as **auth**; the first reason of each is printed with the
-verdict.  The load itself runs over the ``ssl.SSLSocket``: reads drain what the TLS
-layer has decrypted (one read of the loop may take several TLS records), writes go
-out one buffer at a time (``SSL_write`` must be retried with the same bytes, and
-``sendmsg`` does not exist over TLS), and stream mode works unchanged on the
-decrypted bytes.  With TLS 1.3 a server that refuses *our* certificate says so only
-after the client's handshake: that shows on the connection's first read, as **tls**
-(an alert) or as **closed**/**reset** with a hint about the client certificate.
+key, a server without a key) as **auth**; the first reason of each (the core's words,
+with a hint of what to try) is printed with the verdict.  After the stages the same
+object is the TLS record layer: each read is decrypted in one call and stream mode
+compares the plaintext; each write is encrypted in one call and the ciphertext goes
+out like plaintext (``send``/``sendmsg``; a partial write keeps the rest of the
+ciphertext: the socket never sees TLS).  With TLS 1.3 a server that refuses *our*
+certificate says so only after the client's handshake: that shows on the
+connection's first read, as **tls** (an alert) or as **closed**/**reset** with a hint
+about the client certificate.
 
 Closed loop (default): each connection keeps ``--depth`` messages in flight and sends
 the replacements for all the replies of one read in one write.  Open loop
@@ -146,13 +159,13 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from . import _args
-from ._handshake import ssl_error_text, stage_name
 from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
-from ._net import format_address, set_nodelay
+from ._net import set_nodelay
 from .auth import MAGIC as _AUTH_MAGIC
-from .auth import ClientHandshake, new_nonce
-from .exceptions import HandshakeError, ProtocolError
-from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameDecoder, FrameFormat
+from .exceptions import EndKind
+from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameFormat
+from .protocol import End, MessageProtocol, State, describe_os_error, format_address
+from .stages import Stage, StageFailure, Stages
 
 __all__ = ["ERROR_KINDS", "StressConfig", "configure_parser", "run"]
 
@@ -204,12 +217,9 @@ _IOV_MAX = 512
 _HOUSEKEEPING_NS = 20_000_000
 _MAX_EXAMPLES = 8
 _MAX_LOST_REMEMBERED = 4096
-_TLS_RECORD = 16 * 1024  # largest TLS record payload: a TLS read needs this much room
-_HANDSHAKE_READ = 4096  # one read of the authentication handshake (a hello is 45 bytes)
 _TLS_RECORD_HEADS = (b"\x15\x03", b"\x16\x03")  # a TLS alert or handshake record
 _SPEAKS_TLS = "the server speaks TLS (a TLS record arrived): use --tls or --tls-ca"
-# What a non-blocking send or receive raises when it has to wait (plain TCP or TLS).
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_OPEN_STATE = State.OPEN
 
 _M64 = (1 << 64) - 1
 _LOWS = bytes(range(256))
@@ -224,6 +234,24 @@ _IN = getattr(select, "EPOLLIN", 1)
 _OUT = getattr(select, "EPOLLOUT", 4)
 _ERR = getattr(select, "EPOLLERR", 8)
 _HUP = getattr(select, "EPOLLHUP", 16)
+
+_REPORT_KIND = {
+    EndKind.CLEAN: "closed",
+    EndKind.INCOMPLETE_MESSAGE: "closed",
+    EndKind.RESET: "reset",
+    EndKind.OS_ERROR: "reset",
+    EndKind.MESSAGE_TOO_LARGE: "protocol",
+    EndKind.FRAME_ERROR: "protocol",
+    EndKind.TLS: "tls",
+    EndKind.AUTHENTICATION: "auth",
+    EndKind.HANDSHAKE_TIMEOUT: "timeout",
+}
+"""The report's kind (``ERROR_KINDS``) of each way a connection can end (the core's
+:class:`~msgsock.exceptions.EndKind`); any other end of the server's counts as **reset**."""
+
+
+def _report_kind(kind: EndKind) -> str:
+    return _REPORT_KIND.get(kind, "reset")
 
 
 class _UsageError(Exception):
@@ -539,35 +567,26 @@ def _poller() -> Any:
 _CONNECTING, _OPEN, _DEAD, _SECURING = 0, 1, 2, 3
 
 
-class _Setup:
-    """A connection's TLS and authentication handshakes while it opens (SPEC §4.2, §7)."""
-
-    __slots__ = ("auth", "out", "stage")
-
-    def __init__(self, stage: str, auth: ClientHandshake | None) -> None:
-        self.stage = stage  # "tls", then "auth" (the names of _handshake.STAGE_NAMES)
-        self.auth = auth
-        self.out = b""  # authentication bytes not yet written
-
-
 class _Conn:
     __slots__ = (
         "backlog",
         "cid",
         "connect_deadline",
-        "decoder",
         "events",
         "fd",
+        "hs_head",
+        "hs_out",
         "lost",
         "next_rx",
         "out",
         "pending",
+        "proto",
         "rot",
         "rx",
         "rx_max",
         "sent_log",
-        "setup",
         "sock",
+        "stages",
         "state",
         "stream",
         "tx_seq",
@@ -583,7 +602,13 @@ class _Conn:
         self.fd = sock.fileno()
         self.state = _CONNECTING
         self.connect_deadline = 0
-        self.decoder: FrameDecoder | None = None
+        # The core's stages (TLS, authentication) while _SECURING; afterwards the TLS
+        # record layer, or None (plain TCP, or authentication only: frames as they are).
+        self.stages: Stages | None = None
+        self.hs_out = b""  # stage bytes not yet written
+        self.hs_head = b""  # the first bytes the server sent during the stages
+        # General mode: the frames and how they end (a bad frame, a stream cut mid-frame).
+        self.proto: MessageProtocol | None = None
         self.pending: dict[int, int] = {}  # seq -> intended send time (ns)
         self.next_rx = 0  # lowest seq not settled; in pending unless == tx_seq
         self.tx_seq = 0  # next seq to send
@@ -602,7 +627,6 @@ class _Conn:
         self.rx = 0  # verified bytes of the reply stream
         self.wlog: deque[tuple[int, int]] = deque()  # (end seq of a write, time written)
         self.rot = _Payloads.rotation(cid)  # pattern rotation of this connection, in messages
-        self.setup: _Setup | None = None  # while state is _SECURING
 
 
 # -- the worker: one event loop -----------------------------------------------------------
@@ -642,7 +666,6 @@ class _Worker:
         self.auth_key = cfg.auth_key
         self.secure = self.tls or self.auth_key is not None  # handshakes before the load
         self.reasons: dict[str, str] = {}  # the first reason of each tls/auth failure
-        self._again: list[_Conn] = []  # TLS: decrypted bytes left over after a full read
         self.frame = cfg.frame
         self.payloads = _Payloads(cfg)
         self._match = self.payloads.matcher()
@@ -743,20 +766,31 @@ class _Worker:
             self.examples.append(example)
 
     def _io_failed(self, c: _Conn, exc: OSError, what: str) -> None:
-        """End ``c`` after a failed send or receive: **tls** for a TLS error, else **reset**."""
-        if isinstance(exc, ssl.SSLEOFError):  # the server hung up without a TLS close
-            self._kill(c, "closed", f"{what}: {self._closed_text(c)} (no TLS close)")
-        elif isinstance(exc, ssl.SSLError):
-            # e.g. TLS 1.3: the server refused our certificate after the handshake.
-            why = f"TLS {what}: {ssl_error_text(exc)}"
-            self.reasons.setdefault("tls", why)
-            self._kill(c, "tls", why)
-        else:
-            self._kill(c, "reset", f"{what}: {exc.strerror or exc}" + self._cert_hint(c))
+        """End ``c`` after a failed send or receive, as the core words and classifies it."""
+        end = describe_os_error(exc)
+        self._kill(c, _report_kind(end.kind), f"{what}: {end.reason}{self._cert_hint(c)}")
 
-    def _bad_frame(self, c: _Conn, exc: ProtocolError, data: bytes | memoryview) -> None:
-        """End ``c`` after bytes that break the frame format, saying so when they are a
-        handshake this side does not speak (a server that requires TLS or a key)."""
+    def _eof(self, c: _Conn) -> None:
+        """The server closed the connection (EOF, or TLS's close_notify) mid-run: **closed**.
+
+        Its protocol says whether that cut a reply short (an incomplete message).
+        """
+        self._to_general(c)  # so a reply begun in stream mode is in the protocol's decoder
+        proto = c.proto
+        assert proto is not None
+        proto.receive_eof()
+        proto.connection_lost()
+        end = proto.end
+        assert end is not None
+        why = self._closed_text(c)
+        if end.kind is not EndKind.CLEAN:
+            why += f" ({end.reason})"
+        self._kill(c, _report_kind(end.kind), why)
+
+    def _bad_frame(self, c: _Conn, end: End, data: bytes | memoryview) -> None:
+        """End ``c`` after bytes that broke the frame format (``end``, as its protocol decided),
+        saying so when they are a handshake this side does not speak (a server that requires
+        TLS or a key)."""
         head = bytes(data[: len(_AUTH_MAGIC)])
         if head == _AUTH_MAGIC and self.auth_key is None:
             why = "the server requires authentication (its handshake hello arrived): use --auth-key-file"
@@ -766,14 +800,28 @@ class _Worker:
             self.reasons.setdefault("tls", _SPEAKS_TLS)
             self._kill(c, "tls", _SPEAKS_TLS)
         else:
-            self._kill(c, "protocol", f"bad frame from the server: {exc}")
+            self._kill(c, _report_kind(end.kind), f"bad frame from the server: {end.reason}")
+
+    def _tls_failed(self, c: _Conn, failure: StageFailure, data: bytes) -> None:
+        """The TLS record layer failed after the stages (an alert, a bad record): **tls**.
+
+        ``data`` is what it decrypted before the failure: checked first, like any reply.
+        """
+        if data:
+            self._to_general(c)
+            self._on_plain(c, data, time.monotonic_ns(), refill=False)
+            if c.state == _DEAD:
+                return
+        why = failure.reason + self._cert_hint(c)
+        self.reasons.setdefault("tls", why)
+        self._kill(c, _report_kind(failure.kind), why)
 
     def _kill(self, c: _Conn, kind: str | None, why: str = "") -> None:
         """End a connection; ``kind`` None means we closed it ourselves (end of run)."""
         if c.state == _DEAD:
             return
         if c.stream:
-            self._to_general(c)  # so what it still owed is counted below
+            self._to_general(c, decode=False)  # so what it still owed is counted below
         was_open = c.state == _OPEN
         c.state = _DEAD
         if kind is not None and not self.stop_requested:
@@ -811,7 +859,8 @@ class _Worker:
         except OSError as exc:
             self.failed += 1
             hint = " (raise the open-files limit: ulimit -n)" if exc.errno == errno.EMFILE else ""
-            self._error("refused", f"conn {cid}: cannot create a socket: {exc.strerror or exc}{hint}")
+            why = describe_os_error(exc).reason
+            self._error("refused", f"conn {cid}: cannot create a socket: {why}{hint}")
             return
         sock.setblocking(False)
         c = _Conn(cid, sock)
@@ -824,7 +873,7 @@ class _Worker:
                 return
             self._connected(c, now)
             return
-        # One deadline for the TCP connect and the handshakes that follow it.
+        # One deadline for the TCP connect and the stages that follow it.
         c.connect_deadline = now + self.timeout_ns
         err = sock.connect_ex(self.sockaddr)
         if err in (0, errno.EISCONN):
@@ -840,9 +889,9 @@ class _Worker:
         if not self.udp:
             set_nodelay(c.sock)
             if self.stream:
-                c.stream = True  # the decoder is made if it ever leaves stream mode
+                c.stream = True  # the protocol is made if it ever leaves stream mode
             else:
-                c.decoder = FrameDecoder(self.frame)
+                c.proto = MessageProtocol(self.frame)
         if c.events:
             self.ep.modify(c.fd, _IN)
         else:
@@ -855,7 +904,9 @@ class _Worker:
         # "timeout" for a connect that did not finish in --timeout; every other failure
         # (refused, unreachable, no ephemeral port left) is a refused connection.
         kind = "timeout" if isinstance(exc, TimeoutError) else "refused"
-        self._setup_failed(c, kind, f"connect to {format_address(self.sockaddr)}: {exc.strerror or exc}")
+        self._setup_failed(
+            c, kind, f"connect to {format_address(self.sockaddr)}: {describe_os_error(exc).reason}"
+        )
 
     def _setup_failed(self, c: _Conn, kind: str, why: str) -> None:
         """Count a connection that could not be opened (``kind``), and close it."""
@@ -864,7 +915,7 @@ class _Worker:
         if kind in ("tls", "auth"):
             self.reasons.setdefault(kind, why)
         c.state = _DEAD
-        c.setup = None
+        c.stages = None
         try:
             self.ep.unregister(c.fd)
         except (OSError, KeyError, ValueError):
@@ -881,117 +932,106 @@ class _Worker:
         c.events = events
 
     def _tcp_connected(self, c: _Conn, now: int) -> None:
-        """The TCP connect succeeded: open ``c``, or first start its handshakes."""
+        """The TCP connect succeeded: open ``c``, or first start its stages."""
         if not self.secure:
             self._connected(c, now)
             return
-        set_nodelay(c.sock)  # the handshakes' small writes go out at once
-        auth = None if self.auth_key is None else ClientHandshake(self.auth_key, new_nonce())
-        if self.tls_context is not None:
-            try:
-                c.sock = self.tls_context.wrap_socket(
-                    c.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False
-                )
-            except (OSError, ValueError) as exc:  # e.g. an invalid --tls-server-name; a reset
-                self._setup_failed(c, "tls", f"TLS setup failed: {exc}")
-                return
-            c.setup = _Setup("tls", auth)
-        else:
-            c.setup = _Setup("auth", auth)
-        if auth is not None and c.setup.stage == "auth":
-            c.setup.out = auth.data_to_send()
+        set_nodelay(c.sock)  # the stages' small writes go out at once
+        try:
+            stages = Stages(
+                server_side=False,
+                ssl_context=self.tls_context,
+                server_hostname=self.server_hostname if self.tls else None,
+                auth_key=self.auth_key,
+            )
+        except (ValueError, ssl.SSLError) as exc:  # e.g. an invalid --tls-server-name
+            self._setup_failed(c, "tls", f"TLS setup failed: {exc}")
+            return
+        c.stages = stages
+        c.hs_out = stages.data_to_send()  # the ClientHello, or our authentication hello
         c.state = _SECURING
         self._secure_step(c, now)
 
     def _secure_step(self, c: _Conn, now: int) -> None:
-        """Advance ``c``'s TLS, then authentication, handshake as far as the socket allows.
+        """Pump ``c``'s stages (TLS, then authentication) as far as the socket allows.
 
         Non-blocking: where the socket must wait, ``c`` waits for the event it needs and
-        the poll loop calls again.  Once both are done the connection is open; on a
-        failure it is counted (**tls** or **auth**) and closed.
+        the poll loop calls again.  Once every stage has passed the connection is open;
+        on a failure it is counted (**tls** or **auth**) and closed.
         """
-        setup = c.setup
-        assert setup is not None
+        stages = c.stages
+        assert stages is not None
         sock = c.sock
-        try:
-            if setup.stage == "tls":
-                assert isinstance(sock, ssl.SSLSocket)
+        mv = self._mv
+        while True:
+            while c.hs_out:
                 try:
-                    sock.do_handshake()
-                except ssl.SSLWantReadError:
-                    self._want(c, _IN)
-                    return
-                except ssl.SSLWantWriteError:
+                    c.hs_out = c.hs_out[sock.send(c.hs_out) :]
+                except BlockingIOError:
                     self._want(c, _OUT)
                     return
-                if setup.auth is None:
-                    self._secured(c, now, b"")
+                except OSError as exc:
+                    self._stages_lost(c, exc)
                     return
-                setup.stage = "auth"
-                setup.out = setup.auth.data_to_send()
-            hs = setup.auth
-            assert hs is not None
-            while True:
-                # The hellos cross; then each read is answered (auth.run_blocking's order).
-                while setup.out:
-                    try:
-                        setup.out = setup.out[sock.send(setup.out) :]
-                    except _WOULD_BLOCK as exc:
-                        self._want(c, _IN if isinstance(exc, ssl.SSLWantReadError) else _OUT)
-                        return
-                if hs.done:
-                    self._secured(c, now, hs.remaining)
-                    return
-                try:
-                    data = sock.recv(_HANDSHAKE_READ)
-                except _WOULD_BLOCK as exc:
-                    self._want(c, _OUT if isinstance(exc, ssl.SSLWantWriteError) else _IN)
-                    return
-                if not data:
-                    hs.receive_eof()  # raises: the handshake is not done
-                if not self.tls and hs.peer_nonce is None and data[:2] in _TLS_RECORD_HEADS:
-                    self._setup_failed(c, "tls", _SPEAKS_TLS)  # (an alert for our hello)
-                    return
-                hs.receive_data(data)
-                setup.out += hs.data_to_send()
-        except HandshakeError as exc:
-            self._setup_failed(c, "auth", self._auth_text(exc, setup))
-        except ssl.SSLCertVerificationError as exc:
-            self._setup_failed(
-                c, "tls", f"TLS handshake failed: certificate verify failed: {exc.verify_message}"
-            )
-        except ssl.SSLError as exc:
-            if setup.stage == "auth" and isinstance(exc, ssl.SSLEOFError):
-                self._hung_up(c, "the connection ended without a TLS close")
-            elif isinstance(exc, ssl.SSLEOFError):
-                self._setup_failed(
-                    c,
-                    "tls",
-                    "the server closed the connection during the TLS handshake (does the server serve TLS?)",
-                )
-            elif setup.stage == "tls":
-                self._setup_failed(c, "tls", f"TLS handshake failed: {ssl_error_text(exc)}")
-            else:  # TLS 1.3: the server refused our certificate after our handshake
-                self._setup_failed(c, "tls", f"TLS failed during authentication: {ssl_error_text(exc)}")
-        except OSError as exc:
-            if setup.stage == "tls":
-                self._setup_failed(
-                    c, "tls", f"{exc.strerror or exc} during the TLS handshake (does the server serve TLS?)"
-                )
+            try:
+                n = sock.recv_into(self._buf)
+            except BlockingIOError:
+                self._want(c, _IN)
+                return
+            except OSError as exc:
+                self._stages_lost(c, exc)
+                return
+            rest = b""
+            if n:
+                if len(c.hs_head) < 2:
+                    c.hs_head += bytes(mv[: 2 - len(c.hs_head)])
+                rest = stages.receive_data(mv[:n])
             else:
-                self._hung_up(c, str(exc.strerror or exc))
+                stages.receive_eof()
+            c.hs_out += stages.data_to_send()
+            failure = stages.failure
+            if failure is not None:
+                try:  # what the peer should be told (a TLS alert), if the socket takes it now
+                    sock.send(c.hs_out)
+                except OSError:
+                    pass
+                self._stages_failed(c, failure)
+                return
+            if stages.done:
+                self._secured(c, now, rest)
+                return
 
-    def _auth_text(self, exc: HandshakeError, setup: _Setup) -> str:
-        """Why the authentication failed, with a hint when the server hung up before its
-        hello for a TLS reason: it requires TLS, or our client certificate."""
-        assert setup.auth is not None
-        if setup.auth.peer_nonce is None and "before its authentication hello" in str(exc):
-            if not self.tls:
+    def _stages_lost(self, c: _Conn, exc: OSError) -> None:
+        """The socket failed in the middle of the stages: the core words it (``... during
+        the TLS handshake``)."""
+        assert c.stages is not None
+        failure = c.stages.connection_lost(describe_os_error(exc).reason)
+        assert failure is not None  # the stages are running
+        self._stages_failed(c, failure)
+
+    def _stages_failed(self, c: _Conn, failure: StageFailure) -> None:
+        """Count a connection whose stages failed, under the failure's kind (**tls**,
+        **auth**), with its reason and a hint of what the server may want instead."""
+        kind = _report_kind(failure.kind)
+        why = failure.reason
+        if failure.stage is Stage.AUTH and not self.tls and c.hs_head in _TLS_RECORD_HEADS:
+            kind, why = "tls", _SPEAKS_TLS  # a TLS server's alert for our hello
+        elif failure.by_peer_close:
+            why += self._stage_hint(c, failure.stage)
+        self._setup_failed(c, kind, why)
+
+    def _stage_hint(self, c: _Conn, stage: Stage) -> str:
+        """What a server that hung up in the middle of ``stage`` may want instead."""
+        if stage is Stage.TLS:
+            return " (does the server serve TLS?)"
+        if stage is Stage.AUTH:
+            if self.tls:
+                if self.cfg.tls_cert is None:  # TLS 1.3: refused after our handshake
+                    return ", or it requires a client certificate (--tls-cert)"
+            elif not c.hs_head:
                 # A TLS server reads our hello as a bad TLS record and hangs up, often silently.
-                return f"{exc}, or it requires TLS (--tls)"
-            if self.cfg.tls_cert is None:
-                return f"{exc}, or it requires a client certificate (--tls-cert)"
-        return str(exc)
+                return ", or it requires TLS (--tls)"
+        return ""
 
     def _closed_text(self, c: _Conn) -> str:
         """Why a connection read the end of the stream, as far as the client can tell."""
@@ -1005,40 +1045,29 @@ class _Worker:
             return " (does the server require a client certificate? --tls-cert)"
         return ""
 
-    def _hung_up(self, c: _Conn, how: str) -> None:
-        """The server hung up during the authentication handshake (one without a key
-        refuses our hello at once): say what the handshake was waiting for, as the
-        blocking client does."""
-        assert c.setup is not None and c.setup.auth is not None
-        try:
-            c.setup.auth.receive_eof()
-        except HandshakeError as error:
-            self._setup_failed(c, "auth", f"{self._auth_text(error, c.setup)} ({how})")
-            return
-        self._setup_failed(c, "auth", f"{how} during the authentication handshake")  # pragma: no cover
-
     def _secured(self, c: _Conn, now: int, rest: bytes) -> None:
-        """Both handshakes are done: open ``c`` for the load.
+        """Every stage has passed: open ``c`` for the load.
 
-        ``rest`` is what the server sent after the authentication handshake, before
-        any message of ours: an echo server sends nothing, so any frame in it is
-        classified as an unexpected reply (corrupted), as the load would have.
+        ``rest`` is what the server sent after the stages, before any message of ours:
+        an echo server sends nothing, so any frame in it is classified as an unexpected
+        reply (corrupted), as the load would have.
         """
-        c.setup = None
+        stages = c.stages
+        assert stages is not None
+        # With TLS the stages stay as the record layer; authentication alone leaves the
+        # frames as they are (no copy through the stages on the hot path).
+        c.stages = stages if stages.encrypted else None
+        if c.hs_out:  # the end of our last flight (the socket did not take it all)
+            c.out.append(c.hs_out)
+            c.hs_out = b""
         self._connected(c, now)
-        if not rest:
+        if c.out:
+            self._flush(c)
+        if not rest or c.state != _OPEN:
             return
         self.wire_in += len(rest)
         self._to_general(c)
-        if c.decoder is None:
-            c.decoder = FrameDecoder(self.frame)
-        try:
-            msgs = c.decoder.feed(rest)
-        except ProtocolError as exc:
-            self._bad_frame(c, exc, rest)
-            return
-        if msgs:
-            self._on_messages(c, msgs, now)
+        self._on_plain(c, rest, now)
 
     def connect_all(self) -> None:
         """Open this worker's connections (at ``connect_rate``), until all are settled.
@@ -1061,15 +1090,11 @@ class _Worker:
             for c in connecting:
                 if now < c.connect_deadline:
                     continue
-                if c.setup is None:
+                if c.stages is None:
                     self._connect_failed(c, TimeoutError(errno.ETIMEDOUT, "connection timed out"))
-                else:
-                    self._setup_failed(
-                        c,
-                        "timeout",
-                        f"{stage_name(c.setup.stage)} with {format_address(self.sockaddr)} "
-                        f"did not complete within {self.cfg.timeout:g} s",
-                    )
+                else:  # the core words it: the stage that did not finish
+                    reason = c.stages.timeout_reason(self.cfg.timeout)
+                    self._setup_failed(c, _report_kind(EndKind.HANDSHAKE_TIMEOUT), reason)
             wait = 0.05
             if opened < share.connections:
                 wait = min(wait, max(0.0, (begin + opened * step - now) / 1e9))
@@ -1173,6 +1198,9 @@ class _Worker:
                             ap(p)
                 if pieces:
                     chunks.append(b"".join(pieces))
+            stages = c.stages
+            if stages is not None:  # TLS: the records of the whole write, in one call
+                chunks = [stages.encrypt(chunks[0] if len(chunks) == 1 else b"".join(chunks))]
             if c.out:
                 c.out.extend(chunks)
             else:
@@ -1190,14 +1218,12 @@ class _Worker:
             self._flush(c)
 
     def _flush(self, c: _Conn) -> None:
+        """Write what ``c`` holds (wire bytes: ciphertext under TLS) as far as the socket takes it."""
         out = c.out
         sock = c.sock
-        # TLS: one buffer per send (no sendmsg over TLS), and a send that has to wait is
-        # retried with the same buffer, as SSL_write requires: out[0] stays as it is.
-        single = self.tls
         try:
             while out:
-                n = sock.send(out[0]) if single or len(out) == 1 else sock.sendmsg(out[:_IOV_MAX])
+                n = sock.send(out[0]) if len(out) == 1 else sock.sendmsg(out[:_IOV_MAX])
                 i = 0
                 while n:
                     size = len(out[i])
@@ -1209,7 +1235,7 @@ class _Worker:
                         n = 0
                 if i:
                     del out[:i]
-        except _WOULD_BLOCK:
+        except BlockingIOError:
             pass
         except OSError as exc:
             self._io_failed(c, exc, "send")
@@ -1235,7 +1261,7 @@ class _Worker:
             return
         except OSError as exc:
             del out[:i]
-            self._kill(c, "reset", f"send: {exc.strerror or exc}")
+            self._io_failed(c, exc, "send")
             return
         del out[:i]
         want = _IN | _OUT if out else _IN
@@ -1311,63 +1337,72 @@ class _Worker:
 
     # -- receiving ----------------------------------------------------------------------
 
-    def _recv_tls(self, c: _Conn) -> int:
-        """Read what a TLS connection has into the receive buffer; return the byte count.
+    def _decrypt(self, c: _Conn, stages: Stages, n: int) -> memoryview | None:
+        """TLS: the plaintext of the ``n`` bytes just read into the receive buffer.
 
-        One TLS read returns one record at most (16 KiB), so this reads on until the
-        TLS layer has nothing more (or the buffer is nearly full): the loop then handles
-        it all at once, and no decrypted byte is left behind for which epoll would not
-        fire again (``pending()`` is checked in case; such a connection is read again in
-        the next round of the loop without waiting).
-
-        Returns:
-            The bytes read, 0 at the end of the stream.
-
-        Raises:
-            BlockingIOError: nothing to read yet.
-            ssl.SSLError: a TLS failure (an alert from the server, a bad record).
-            OSError: another socket error.
+        Returns None when there is nothing to check yet (a partial record), or when the
+        connection ended (the server's close_notify, a TLS alert): then it is counted.
         """
-        sock = c.sock
-        mv = self._mv
-        n = 0
-        room = _RECV_SIZE - _TLS_RECORD
-        while n <= room:
-            try:
-                k = sock.recv_into(mv[n:])
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
-            if not k:  # the end of the stream: report the bytes before it first
-                return n
-            n += k
-        else:
-            assert isinstance(sock, ssl.SSLSocket)
-            if sock.pending():
-                self._again.append(c)
-        if not n:
-            raise BlockingIOError(errno.EAGAIN, "no TLS data yet")
-        return n
+        plain = stages.receive_data(self._mv[:n])
+        extra = stages.data_to_send()  # rare after the handshake (a TLS key update)
+        if extra:
+            c.out.append(extra)
+            self._flush(c)
+            if c.state != _OPEN:
+                return None
+        if stages.failure is not None:
+            self._tls_failed(c, stages.failure, plain)
+            return None
+        if stages.tls_eof:
+            if plain:
+                self._to_general(c)
+                self._on_plain(c, plain, time.monotonic_ns(), refill=False)
+            if c.state == _OPEN:
+                self._eof(c)
+            return None
+        return memoryview(plain) if plain else None
 
     def _on_read(self, c: _Conn, now: int = 0) -> None:
         try:
-            n = self._recv_tls(c) if self.tls else c.sock.recv_into(self._buf)
+            n = c.sock.recv_into(self._buf)
         except BlockingIOError:
             return
         except OSError as exc:
             self._io_failed(c, exc, "receive")
             return
         if n == 0:
-            self._kill(c, "closed", self._closed_text(c))
+            self._eof(c)
             return
-        self.wire_in += n
-        assert c.decoder is not None
-        try:
-            msgs = c.decoder.feed(self._mv[:n])
-        except ProtocolError as exc:
-            self._bad_frame(c, exc, self._mv[:n])
+        stages = c.stages
+        if stages is None:
+            data = self._mv[:n]
+        else:
+            view = self._decrypt(c, stages, n)
+            if view is None:
+                return
+            data = view
+        self.wire_in += len(data)
+        self._on_plain(c, data, time.monotonic_ns())
+
+    def _on_plain(self, c: _Conn, data: bytes | memoryview, now: int, *, refill: bool = True) -> None:
+        """General mode: check the replies in ``data`` (plaintext), then refill ``c``.
+
+        Its protocol never raises for the server's bytes: when they break the frame
+        format, the replies before the bad header are checked (without a refill), then
+        the connection ends as the protocol decided.
+        """
+        proto = c.proto
+        assert proto is not None
+        msgs = proto.receive_data(data)
+        if proto.state is _OPEN_STATE:
+            if msgs:
+                self._on_messages(c, msgs, now, refill)
             return
         if msgs:
-            self._on_messages(c, msgs, time.monotonic_ns())
+            self._on_messages(c, msgs, now, False)
+        end = proto.end
+        if c.state != _DEAD and end is not None:
+            self._bad_frame(c, end, data)
 
     # -- stream mode ----------------------------------------------------------------------
     #
@@ -1387,9 +1422,10 @@ class _Worker:
     #
     # The first read that does not match, a timeout, or the end of the connection turns
     # the connection into the general mode for good (_to_general): the verified part of
-    # an unfinished reply is fed to a fresh FrameDecoder, ``pending`` is rebuilt from the
-    # write log, and the mismatching read is parsed and classified message by message,
-    # exactly as if the general mode had been used from the start (SPEC §6.3).
+    # an unfinished reply is fed to a fresh MessageProtocol, ``pending`` is rebuilt from
+    # the write log, and the mismatching read is parsed and classified message by message,
+    # exactly as if the general mode had been used from the start (SPEC §6.3).  Under TLS
+    # the same holds for the plaintext: each read is decrypted in one call first.
 
     def _stream_round(self, events: list[tuple[int, int]], now: int) -> None:
         """Handle the events of one poll in stream mode: per readable connection, one
@@ -1413,7 +1449,6 @@ class _Worker:
         ev_in = _IN | _ERR | _HUP
         ev_out = _OUT
         is_open = _OPEN
-        tls = self.tls
         got = sent = bytes_in = 0
         lsum = measured = 0
         hi = self._lat_hi
@@ -1432,28 +1467,37 @@ class _Worker:
                 self._on_read(c, now)
                 continue
             try:
-                n = self._recv_tls(c) if tls else c.sock.recv_into(buf)
+                n = c.sock.recv_into(buf)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 self._io_failed(c, exc, "receive")
                 continue
             if n == 0:
-                self._kill(c, "closed", self._closed_text(c))
+                self._eof(c)
                 continue
+            stages = c.stages
+            if stages is None:
+                view = mv[:n]
+            else:  # TLS: the plaintext of what was read
+                got_view = self._decrypt(c, stages, n)
+                if got_view is None:
+                    continue
+                view = got_view
+                n = len(view)
             bytes_in += n
             rx = c.rx
             # Never more than is owed (a duplicate, say), and byte for byte what was sent.
             if n > c.tx_seq * ml - rx:
-                self._stream_mismatch(c, n)
+                self._stream_mismatch(c, view)
                 continue
             off = rx % wbytes
             if off + n <= wbytes:
-                if not c.win.startswith(mv[:n], off):
-                    self._stream_mismatch(c, n)
+                if not c.win.startswith(view, off):
+                    self._stream_mismatch(c, view)
                     continue
-            elif not (c.win.startswith(mv[: wbytes - off], off) and c.win.startswith(mv[wbytes - off : n])):
-                self._stream_mismatch(c, n)
+            elif not (c.win.startswith(view[: wbytes - off], off) and c.win.startswith(view[wbytes - off :])):
+                self._stream_mismatch(c, view)
                 continue
             rx += n
             c.rx = rx
@@ -1508,13 +1552,13 @@ class _Worker:
             sent += s1 - s0
             a = s0 % window * ml
             b = a + (s1 - s0) * ml
-            if b > wbytes or c.out:
+            if b > wbytes or c.out or stages is not None:
                 self._write_window(c, s0, s1)
                 continue
             try:
                 w = c.sock.send(c.wmv[a:b])
-            except _WOULD_BLOCK:
-                w = 0  # TLS: the queued copy is the same bytes, as a retried SSL_write needs
+            except BlockingIOError:
+                w = 0
             except OSError as exc:
                 self._io_failed(c, exc, "send")
                 continue
@@ -1568,20 +1612,24 @@ class _Worker:
         b = a + (s1 - s0) * ml
         wmv = c.wmv
         pieces: list[bytes | memoryview] = [wmv[a:b]] if b <= wbytes else [wmv[a:], wmv[: b - wbytes]]
+        size = b - a
+        stages = c.stages
+        if stages is not None:  # TLS: the records of the whole write, in one call
+            record = stages.encrypt(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            pieces = [record]
+            size = len(record)
         if c.out:
             c.out.extend(bytes(p) for p in pieces)
             self._flush(c)
             return
-        if len(pieces) > 1 and self.tls:  # no sendmsg over TLS: one buffer
-            pieces = [b"".join(pieces)]
         try:
             w = c.sock.send(pieces[0]) if len(pieces) == 1 else c.sock.sendmsg(pieces)
-        except _WOULD_BLOCK:
+        except BlockingIOError:
             w = 0
         except OSError as exc:
             self._io_failed(c, exc, "send")
             return
-        if w < b - a:
+        if w < size:
             self._queue(c, b"".join(pieces)[w:])
 
     def _queue(self, c: _Conn, rest: bytes) -> None:
@@ -1632,34 +1680,34 @@ class _Worker:
                 win[off + p : end : ml] = consts[v]
             c.wtop = b + block
 
-    def _stream_mismatch(self, c: _Conn, n: int) -> None:
+    def _stream_mismatch(self, c: _Conn, view: memoryview) -> None:
         """A read that is not the next expected bytes: parse and classify it per message."""
-        data = self._mv[:n].tobytes()
+        data = view.tobytes()
         self._to_general(c)
-        assert c.decoder is not None
-        try:
-            msgs = c.decoder.feed(data)
-        except ProtocolError as exc:
-            self._bad_frame(c, exc, data)
-            return
-        if msgs:
-            self._on_messages(c, msgs, time.monotonic_ns())
+        self._on_plain(c, data, time.monotonic_ns())
 
-    def _to_general(self, c: _Conn) -> None:
-        """Leave stream mode for good: rebuild the general mode's per-message state."""
+    def _to_general(self, c: _Conn, *, decode: bool = True) -> None:
+        """Leave stream mode for good: rebuild the general mode's per-message state.
+
+        ``decode``: give it a protocol holding the verified start of an unfinished
+        reply (not needed when the connection is ending on our side).
+        """
         if not c.stream:
             return
         c.stream = False
-        decoder = FrameDecoder(self.frame)
-        part = c.rx % self._mlen
-        if part:  # the verified start of an unfinished reply
-            a = (c.rx - part) % self._wbytes
-            b = a + part
-            head = (
-                c.wmv[a:b].tobytes() if b <= self._wbytes else c.wmv[a:].tobytes() + c.wmv[: b - self._wbytes]
-            )
-            decoder.feed(head)
-        c.decoder = decoder
+        if decode:
+            proto = MessageProtocol(self.frame)
+            part = c.rx % self._mlen
+            if part:  # the verified start of an unfinished reply
+                a = (c.rx - part) % self._wbytes
+                b = a + part
+                head = (
+                    c.wmv[a:b].tobytes()
+                    if b <= self._wbytes
+                    else c.wmv[a:].tobytes() + c.wmv[: b - self._wbytes]
+                )
+                proto.receive_data(head)
+            c.proto = proto
         pending = c.pending
         s = c.next_rx
         for end, t in c.wlog:
@@ -1684,13 +1732,13 @@ class _Worker:
             self._kill(c, "refused", "port unreachable (ICMP)")
             return
         except OSError as exc:
-            self._kill(c, "reset", f"receive: {exc.strerror or exc}")
+            self._io_failed(c, exc, "receive")
             return
         if msgs:
             self._on_messages(c, msgs, time.monotonic_ns())
 
-    def _on_messages(self, c: _Conn, msgs: list[Any], now: int) -> None:
-        """Check every reply of one read; refill the connection.  The hot path."""
+    def _on_messages(self, c: _Conn, msgs: list[Any], now: int, refill: bool = True) -> None:
+        """Check every reply of one read; refill the connection (unless it is ending).  The hot path."""
         pending = c.pending
         match = self._match
         cid = c.cid
@@ -1747,7 +1795,7 @@ class _Worker:
                 self.hist.total += lsum
                 self._lat_min = lmin
                 self._lat_max = lmax
-        if c.state == _OPEN:
+        if refill and c.state == _OPEN:
             self._refill(c, now)
 
     def _settle(self, c: _Conn, s: int) -> int | None:
@@ -1960,7 +2008,6 @@ class _Worker:
         flush = self._flush_udp if udp else self._flush
         ep_fd = self.ep.fileno() if hasattr(self.ep, "fileno") else -1
         ev_in, ev_out, is_open = _IN | _ERR | _HUP, _OUT, _OPEN
-        again = self._again
         while not self.stop_requested:  # wait for the common start time
             now = time.monotonic_ns()
             if now >= t0:
@@ -2030,12 +2077,7 @@ class _Worker:
                 timeout = (left // 1_000_000 - 1) / 1000  # whole ms, so it never oversleeps
             else:
                 timeout = -(-left // 1_000_000) / 1000
-            if again:  # TLS connections with decrypted bytes still to read: no waiting
-                events = poll(0.0)
-                events.extend((c.fd, ev_in) for c in again if c.state == is_open)
-                again.clear()
-            else:
-                events = poll(timeout)
+            events = poll(timeout)
             if not events:
                 continue
             # One clock reading per poll: the time of every reply read and every message

@@ -45,7 +45,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -62,13 +61,12 @@ from textual.containers import Horizontal
 from textual.message import Message as UIMessage
 from textual.widgets import Button, Footer, Input, Label, RichLog, Static
 
-from ._handshake import ssl_error_text
 from ._histogram import Histogram
-from ._net import format_address
 from .callback import MessageSocket, Reactor, TimerHandle
 from .client import ClientConfig, escape_text
-from .exceptions import InvalidState, MsgsockError, Timeout
+from .exceptions import ConnectionClosed, InvalidState, MsgsockError, Timeout
 from .framing import Message
+from .protocol import format_address
 
 __all__ = [
     "DEFAULT_LOOP_MESSAGE",
@@ -267,11 +265,9 @@ class _ClientSocket(MessageSocket):
 
 
 def _reason(exc: BaseException | None, err: int = 0) -> str:
-    """A short human reason for a failure (the OS's words for an errno, OpenSSL's for TLS)."""
-    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return ssl_error_text(exc)
+    """A short human reason for a failure: the core's words for how a connection ended, the OS's for an errno."""
+    if isinstance(exc, ConnectionClosed) and exc.reason:
+        return exc.reason
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if exc is not None and str(exc):
@@ -506,14 +502,9 @@ class NetworkClient:
         self._watchdog = self.reactor.call_later(_WATCHDOG_INTERVAL, self._watch, sock)
 
     def _connect_error(self, sock: _ClientSocket, error: int) -> str:
-        """The status line of a failed connect: the TCP connect, TLS, or authentication."""
-        stage = sock.handshake_stage
-        if stage == "tls":
-            return f"TLS handshake failed: {_reason(sock.error, error)} ({self._target})"
-        if stage == "auth":
-            text = _reason(sock.error, error)
-            prefix = "authentication failed: "  # HandshakeError's own words often start so
-            return f"{prefix}{text.removeprefix(prefix)} ({self._target})"
+        """The status line of a failed connect: the TCP connect, or a stage (TLS, authentication)."""
+        if isinstance(sock.error, ConnectionClosed):  # the stages ended it: the core's reason says how
+            return f"{sock.error.reason} ({self._target})"
         return f"cannot connect to {self._target}: {os.strerror(error)}"
 
     def _send(self, body: bytes, *, loop: bool) -> bool:

@@ -5,12 +5,14 @@ header here: every datagram is one message, delivered whole or not at all.  What
 this module adds is what datagram programs tend to get wrong:
 
 - **Sizes.**  ``max_size`` (default 65507, the largest UDP payload over IPv4) is
-  checked *before* anything is sent (:class:`~msgsock.exceptions.MessageTooLarge`,
-  nothing leaves).  On receipt the buffer is one byte larger than ``max_size``, so
-  a datagram that fills it was too large -- the system would otherwise truncate it
-  silently.  On Linux ``MSG_TRUNC`` also gives its real size, which is logged.
-  A server drops such a datagram, counts it in ``errors`` and logs a warning with
-  the peer and both sizes; a client's receive raises ``MessageTooLarge``.
+  checked *before* anything is sent: a datagram of ours above it is API misuse
+  (:class:`~msgsock.exceptions.OversizeMessage`, nothing leaves).  On receipt the
+  buffer is one byte larger than ``max_size``, so a datagram that fills it was too
+  large -- the system would otherwise truncate it silently.  On Linux ``MSG_TRUNC``
+  also gives its real size, which is logged.  A server drops such a datagram,
+  counts it in ``errors`` (``message too large``) and logs a warning with the peer
+  and both sizes; a client's receive raises
+  :class:`~msgsock.exceptions.MessageTooLarge` (the peer's fault).
 - **Loss.**  :meth:`UdpClient.request` sends, waits ``timeout`` seconds for the
   reply, resends up to ``retries`` times (so ``retries + 1`` tries in all), then
   raises :class:`~msgsock.exceptions.Timeout` saying ``no reply from HOST:PORT after
@@ -24,7 +26,13 @@ this module adds is what datagram programs tend to get wrong:
   so ``localhost`` reaches a server bound to either ``::1`` or ``127.0.0.1``.
 - **Servers never die on a datagram.**  Oversize datagrams, handler exceptions,
   replies that cannot be sent and ICMP errors are logged (logger
-  ``msgsock.server``, like the TCP servers) and counted; the next datagram is served.
+  ``msgsock.server``, like the TCP servers) and counted by
+  :class:`~msgsock.exceptions.EndKind` in :class:`~msgsock.serving.ServerStatistics`;
+  the next datagram is served.  A handler's reply gets the TCP servers' check
+  (:func:`msgsock.protocol.check_reply`): a handler that raises, or returns
+  anything but bytes-like or None (a ``str``, a coroutine on the blocking server),
+  is logged once at error level -- ``PEER: handler raised ValueError: boom; no
+  reply``, with the traceback of a raise -- and counted as a ``handler error``.
 
 The two servers -- :class:`UdpServer` (a thread, for blocking code) and
 :func:`serve_udp` (asyncio, stock loop or uvloop) -- are thin drivers of one pump,
@@ -53,9 +61,10 @@ from types import TracebackType
 from typing import Any, TextIO, TypeAlias, cast
 
 from ._net import DEFAULT_LOGGER as DEFAULT_LOGGER
-from ._net import format_address, server_logger
-from .exceptions import ConcurrencyError, InvalidState, MessageTooLarge, Timeout
-from .protocol import ServerStatistics
+from ._net import server_logger
+from .exceptions import ConcurrencyError, EndKind, InvalidState, MessageTooLarge, OversizeMessage, Timeout
+from .protocol import check_reply, describe_os_error, format_address, handler_end
+from .serving import ServerStatistics
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -116,7 +125,7 @@ def _nbytes(data: bytes | bytearray | memoryview) -> int:
 def _check_send_size(data: bytes | bytearray | memoryview, max_size: int) -> None:
     size = _nbytes(data)
     if size > max_size:
-        raise MessageTooLarge(size, max_size)
+        raise OversizeMessage(size, max_size)
 
 
 def _size_text(received: int, max_size: int) -> str:
@@ -197,7 +206,10 @@ class _DatagramPump:
             return dataclasses.replace(self.stats, error_kinds=dict(self.stats.error_kinds))
 
     def pump(self, limit: int = _BURST) -> None:
-        """Handle up to ``limit`` waiting datagrams; return early when none is left."""
+        """Handle up to ``limit`` waiting datagrams; return early when none is left.
+
+        Never raises for a datagram or a handler: each failure is logged and counted.
+        """
         sock = self.sock
         buffer = self.buffer
         max_size = self.max_size
@@ -213,11 +225,12 @@ class _DatagramPump:
                 # sockets): the datagram it concerns is gone, there is nothing to answer.
                 continue
             except OSError as exc:
-                self.count_error("receive failed")
-                self.log.warning("udp receive failed: %s", exc)
+                end = describe_os_error(exc)
+                self.count(end.kind)
+                self.log.warning("udp receive failed: %s", end.reason)
                 return
             if n > max_size:
-                self.count_error("message size")
+                self.count(EndKind.MESSAGE_TOO_LARGE)
                 self.log.warning(
                     "%s: dropped a datagram of %s: above max_size %d",
                     format_address(peer),
@@ -237,43 +250,53 @@ class _DatagramPump:
         except Exception as exc:
             self.handler_failed(peer, exc)
             return
-        if reply is not None:
-            self.send_reply(reply, peer)
+        self.reply(reply, peer)
 
-    def handler_failed(self, peer: Any, exc: BaseException) -> None:
-        self.count_error("handler raised")
+    def reply(self, reply: object, peer: Any) -> None:
+        """Check a handler's reply as every server does (SPEC §5.0), and send it."""
+        try:
+            checked = check_reply(reply)
+        except TypeError as exc:  # a str, an int, a coroutine on the blocking server...
+            self.handler_failed(peer, exc, returned=True)
+            return
+        if checked is not None:
+            self.send_reply(checked, peer)
+
+    def handler_failed(self, peer: Any, exc: BaseException, *, returned: bool = False) -> None:
+        """Log (once, at error level; the traceback of a raise) and count a failed handler call."""
+        end = handler_end(exc)
+        self.count(end.kind)
         self.log.error(
-            "%s: handler raised %s: %s; no reply",
-            format_address(peer),
-            type(exc).__name__,
-            exc,
-            exc_info=exc,
+            "%s: %s; no reply", format_address(peer), end.reason, exc_info=None if returned else exc
         )
 
     def send_reply(self, reply: bytes | bytearray | memoryview, peer: Any) -> None:
         size = _nbytes(reply)
-        reason: object
         if size > self.max_size:
-            reason = MessageTooLarge(size, self.max_size)
-        else:
-            try:
-                self.sock.sendto(reply, peer)
-            except BlockingIOError:
-                # A full send buffer: UDP may drop, and the client's retry covers it.
-                reason = "the send buffer is full"
-            except OSError as exc:
-                reason = exc
-            else:
-                with self.lock:
-                    self.stats.messages_sent += 1
-                    self.stats.bytes_sent += size
-                return
-        self.count_error(str(reason))
-        self.log.warning("%s: reply dropped: %s", format_address(peer), reason)
-
-    def count_error(self, reason: str) -> None:
+            # The handler's reply cannot be one datagram: its error, as an oversize reply is
+            # on the TCP servers (never the peer's MESSAGE_TOO_LARGE).
+            self.count(EndKind.HANDLER_ERROR)
+            self.log.error(
+                "%s: reply dropped: %s", format_address(peer), OversizeMessage(size, self.max_size)
+            )
+            return
+        try:
+            self.sock.sendto(reply, peer)
+        except OSError as exc:
+            # A full send buffer (BlockingIOError) included: UDP may drop, and the
+            # client's retry covers it.
+            end = describe_os_error(exc)
+            self.count(end.kind)
+            self.log.warning("%s: reply dropped: %s", format_address(peer), end.reason)
+            return
         with self.lock:
-            self.stats.count_error(reason)
+            self.stats.messages_sent += 1
+            self.stats.bytes_sent += size
+
+    def count(self, kind: EndKind) -> None:
+        """Count one failure of ``kind`` (a dropped datagram, a failed handler or reply)."""
+        with self.lock:
+            self.stats.count_end(kind)
 
 
 # -- the blocking server ---------------------------------------------------------------------
@@ -304,7 +327,7 @@ class _BoundServer:
         return self._pump.max_size
 
     def statistics(self) -> ServerStatistics:
-        """Datagrams and bytes in and out, and ``errors`` (dropped datagrams, failed handlers or replies)."""
+        """Datagrams and bytes in and out, and ``errors`` by kind (dropped datagrams, failed handlers or replies)."""
         return self._pump.statistics()
 
 
@@ -466,24 +489,24 @@ class _AsyncPump(_DatagramPump):
             self.handler_failed(peer, exc)
             return
         if inspect.isawaitable(reply):
-            task = self.loop.create_task(self._finish(cast(Awaitable[Reply], reply), peer))
+            task = self.loop.create_task(self._finish(cast(Awaitable[object], reply), peer))
             self.tasks.add(task)
             task.add_done_callback(self._task_done)
             if len(self.tasks) >= _MAX_PENDING and not self.paused:
                 # Bounded work in progress (SPEC §7): stop reading, let the kernel queue (and drop).
                 self.paused = True
                 self.stop_reading()
-        elif reply is not None:
-            self.send_reply(reply, peer)
+        else:
+            self.reply(reply, peer)
 
-    async def _finish(self, awaitable: Awaitable[Reply], peer: Any) -> None:
+    async def _finish(self, awaitable: Awaitable[object], peer: Any) -> None:
         try:
             reply = await awaitable
         except Exception as exc:
             self.handler_failed(peer, exc)
             return
-        if reply is not None and self.sock.fileno() >= 0:
-            self.send_reply(reply, peer)
+        if self.sock.fileno() >= 0:
+            self.reply(reply, peer)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
@@ -819,7 +842,7 @@ class UdpClient(_ClientBase):
         are not received.
 
         Raises:
-            MessageTooLarge: ``data`` is above ``max_size``; nothing was sent.
+            OversizeMessage: ``data`` is above ``max_size``; nothing was sent.
             InvalidState: the client is closed.
             Timeout: the send buffer stayed full for ``timeout`` seconds.
             OSError: from the system.
@@ -872,7 +895,8 @@ class UdpClient(_ClientBase):
         unreachable counts as no reply (and the host's next address, if any, is tried).
 
         Raises:
-            MessageTooLarge: ``data`` is above ``max_size`` (nothing sent), or the reply was.
+            OversizeMessage: ``data`` is above ``max_size``; nothing was sent.
+            MessageTooLarge: the reply was above ``max_size``.
             Timeout: no reply after every try: ``no reply from HOST:PORT after N tries
                 of T s`` (``(port unreachable)`` added when ICMP said so).
             ConcurrencyError: another thread is using the client.
@@ -948,7 +972,7 @@ class AsyncUdpClient(_ClientBase):
         """Send one datagram to the server (or to ``address``, a ``(host, port)`` tuple).
 
         Raises:
-            MessageTooLarge: ``data`` is above ``max_size``; nothing was sent.
+            OversizeMessage: ``data`` is above ``max_size``; nothing was sent.
             InvalidState: the client is closed.
             Timeout: the send buffer stayed full for ``timeout`` seconds.
             OSError: from the system.
@@ -982,7 +1006,8 @@ class AsyncUdpClient(_ClientBase):
         """Send ``data`` and return the server's reply, resending on silence.
 
         Raises:
-            MessageTooLarge: ``data`` is above ``max_size`` (nothing sent), or the reply was.
+            OversizeMessage: ``data`` is above ``max_size``; nothing was sent.
+            MessageTooLarge: the reply was above ``max_size``.
             Timeout: no reply after ``retries + 1`` tries of ``timeout`` seconds
                 (``(port unreachable)`` added when ICMP said so).
             ConcurrencyError: another request or receive is in progress.
@@ -1184,7 +1209,8 @@ def run_udp_client(
     Raises:
         Timeout: a message got no reply after every try (the message says which
             address, how many tries, and whether the port was unreachable).
-        MessageTooLarge: a message (or a reply) is above ``max_size``.
+        OversizeMessage: a message is above ``max_size`` (nothing sent).
+        MessageTooLarge: a reply is above ``max_size``.
         ValueError: bad ``timeout``, ``retries`` or ``max_size``.
         OSError: the host does not resolve (``socket.gaierror``) or cannot be used.
     """

@@ -13,12 +13,14 @@ import pytest
 from msgsock import (
     ConcurrencyError,
     ConnectionClosed,
+    EndKind,
     FrameFormat,
     IncompleteMessage,
     InvalidState,
     Limits,
     Message,
     MessageTooLarge,
+    OversizeMessage,
     aio,
 )
 from msgsock.aio.connection import READ_BUFFER_SIZE
@@ -286,7 +288,8 @@ def test_clean_close_ends_iteration(any_loop: asyncio.Runner) -> None:
             assert [m async for m in conn] == [b"one", b"two"]
             with pytest.raises(ConnectionClosed) as info:
                 await conn.receive()
-            assert info.value.clean
+            assert info.value.clean and info.value.kind is EndKind.CLEAN
+            assert info.value.reason == "peer closed the connection"
             # Half-closed by the peer: we may still send, and the peer reads it.
             await conn.send(b"after")
             assert await peer.recv_frame() == b"after"
@@ -304,8 +307,8 @@ def test_reset_is_an_unclean_close(any_loop: asyncio.Runner) -> None:
             peer.reset()
             with pytest.raises(ConnectionClosed) as info:
                 await conn.receive()
-            assert not info.value.clean
-            assert "reset" in info.value.reason
+            assert not info.value.clean and info.value.kind is EndKind.RESET
+            assert info.value.reason == "connection reset by peer"
             await conn.wait_closed()
             with pytest.raises(ConnectionClosed):
                 await conn.send(b"late")
@@ -323,7 +326,7 @@ def test_eof_mid_frame_is_an_unclean_close(any_loop: asyncio.Runner) -> None:
             assert await conn.receive() == b"whole"
             with pytest.raises(ConnectionClosed) as info:
                 await conn.receive()
-            assert not info.value.clean
+            assert not info.value.clean and info.value.kind is EndKind.INCOMPLETE_MESSAGE
             assert isinstance(info.value.__cause__, IncompleteMessage)
             assert info.value.__cause__.received == 11 and info.value.__cause__.expected == 104
             with pytest.raises(ConnectionClosed):  # and again: the end is final
@@ -333,8 +336,8 @@ def test_eof_mid_frame_is_an_unclean_close(any_loop: asyncio.Runner) -> None:
     run(any_loop, main())
 
 
-def test_oversize_frame_raises_once_then_closed(stock_loop: asyncio.Runner) -> None:
-    """A declared length above max_size raises MessageTooLarge once, closes the socket, then ConnectionClosed."""
+def test_oversize_frame_ends_the_connection(stock_loop: asyncio.Runner) -> None:
+    """A declared length above max_size ends the connection: ConnectionClosed(kind MESSAGE_TOO_LARGE), the socket closed."""
     fmt = FrameFormat(max_size=1000)
 
     async def main() -> None:
@@ -342,13 +345,17 @@ def test_oversize_frame_raises_once_then_closed(stock_loop: asyncio.Runner) -> N
             await peer.send(frame(b"fine"))
             assert await conn.receive() == b"fine"
             await peer.send(struct.pack(">I", 1001))
-            with pytest.raises(MessageTooLarge) as info:
+            with pytest.raises(ConnectionClosed) as info:
                 await conn.receive()
-            assert (info.value.size, info.value.max_size) == (1001, 1000)
-            with pytest.raises(ConnectionClosed) as closed:
+            closed = info.value
+            assert not closed.clean and closed.kind is EndKind.MESSAGE_TOO_LARGE
+            assert closed.reason == "message size 1001 exceeds max_size 1000"
+            assert isinstance(closed.__cause__, MessageTooLarge)
+            assert (closed.__cause__.size, closed.__cause__.max_size) == (1001, 1000)
+            with pytest.raises(ConnectionClosed) as again:  # and again: the end is final
                 await conn.receive()
-            assert not closed.value.clean and "exceeds max_size" in closed.value.reason
-            try:  # the transport was closed at once: the peer sees EOF or a reset
+            assert again.value.kind is EndKind.MESSAGE_TOO_LARGE
+            try:  # the transport was closed: the peer sees EOF or a reset
                 assert await peer.recv_until_eof() == b""
             except ConnectionResetError:
                 pass
@@ -371,8 +378,9 @@ def test_graceful_close_flushes_then_half_closes(any_loop: asyncio.Runner) -> No
             peer.sock.shutdown(socket.SHUT_WR)
             await closing
             assert conn.closed
-            with pytest.raises(InvalidState):
+            with pytest.raises(ConnectionClosed) as info:
                 await conn.send(b"after close")
+            assert info.value.clean and info.value.kind is EndKind.CLEAN
             with pytest.raises(ConnectionClosed) as info:
                 await conn.receive()
             assert info.value.clean
@@ -382,7 +390,7 @@ def test_graceful_close_flushes_then_half_closes(any_loop: asyncio.Runner) -> No
 
 
 def test_graceful_close_gives_up_after_timeout(stock_loop: asyncio.Runner) -> None:
-    """A peer that never sends EOF does not hold close() beyond its timeout."""
+    """A peer that never sends EOF does not hold close() beyond its timeout: the core resets it (close timeout)."""
 
     async def main() -> None:
         async with RawPair() as (conn, peer):
@@ -390,9 +398,27 @@ def test_graceful_close_gives_up_after_timeout(stock_loop: asyncio.Runner) -> No
             loop = asyncio.get_running_loop()
             start = loop.time()
             await conn.close(timeout=unit(0.3))
-            assert loop.time() - start >= unit(0.3) * 0.9
+            assert unit(0.3) * 0.9 <= loop.time() - start < unit(0.3) + unit(2)
             assert conn.closed
+            end = conn.protocol.end
+            assert end is not None and end.kind is EndKind.CLOSE_TIMEOUT
+            assert end.reason == f"close timeout: the connection did not close within {unit(0.3):g} s"
             assert await peer.recv_frame() == b"x"
+
+
+def test_close_timeout_from_limits(stock_loop: asyncio.Runner) -> None:
+    """Without a timeout argument, close() is bounded by limits.close_timeout."""
+    limits = Limits(close_timeout=unit(0.2))
+
+    async def main() -> None:
+        async with RawPair(limits=limits) as (conn, peer):
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await conn.close()
+            assert unit(0.2) * 0.9 <= loop.time() - start < unit(0.2) + unit(2)
+            end = conn.protocol.end
+            assert end is not None and end.kind is EndKind.CLOSE_TIMEOUT
+            assert await peer.recv_until_eof() == b""  # our half-close came first
 
     run(stock_loop, main())
 
@@ -427,7 +453,8 @@ def test_reading_pauses_when_the_application_does_not_receive(any_loop: asyncio.
             assert transport is not None
             await wait_until(lambda: not transport.is_reading())
             # Bounded by the high-water mark plus at most one read.
-            assert conn._unread <= limits.write_high_water + READ_BUFFER_SIZE + 32 * 300
+            unread = sum(len(m) + 32 for m in conn._messages)
+            assert unread <= limits.write_high_water + READ_BUFFER_SIZE + 32 * 300
             received = 0
             while received < count:
                 assert await conn.receive() == body
@@ -465,14 +492,36 @@ def test_abort_ends_receive(stock_loop: asyncio.Runner) -> None:
             waiting = asyncio.ensure_future(conn.receive())
             await asyncio.sleep(0)
             conn.abort()
-            with pytest.raises(ConnectionClosed):
+            with pytest.raises(ConnectionClosed) as info:
                 await waiting
+            assert info.value.kind is EndKind.ABORTED and not info.value.clean
+            assert info.value.reason == "connection aborted locally"
             await conn.wait_closed()
             assert conn.closed
             try:
                 assert await peer.recv_until_eof() == b""
             except ConnectionResetError:
                 pass
+
+    run(stock_loop, main())
+
+
+def test_send_too_large_raises_oversize_message(stock_loop: asyncio.Runner) -> None:
+    """Sending a body above max_size raises OversizeMessage (our misuse, not the peer's fault); the connection goes on."""
+    fmt = FrameFormat(max_size=100)
+
+    async def main() -> None:
+        async with RawPair(frame=fmt) as (conn, peer):
+            with pytest.raises(OversizeMessage) as info:
+                await conn.send(bytes(101))
+            assert (info.value.size, info.value.max_size) == (101, 100)
+            assert isinstance(info.value, ValueError) and not isinstance(info.value, MessageTooLarge)
+            with pytest.raises(OversizeMessage):
+                conn.send_nowait(bytes(1000))
+            assert not conn.closed
+            await conn.send(b"fine")
+            assert await peer.recv_frame() == b"fine"
+            assert conn.statistics().messages_sent == 1
 
     run(stock_loop, main())
 

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from msgsock import ConnectionClosed, HandshakeError, Limits, ProtocolError, aio
-from msgsock._net import format_address
+from msgsock import ConnectionClosed, EndKind, HandshakeError, Limits, Timeout, aio
 from msgsock.auth import HELLO_SIZE, ClientHandshake, new_nonce
+from msgsock.protocol import format_address
 from msgsock.proxy import (
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_VERSION,
@@ -237,7 +237,7 @@ def test_tls_round_trip(
     async def main() -> None:
         async with await aio.serve(host=host, port=0, ssl=pki.server_context()) as server:
             conn = await aio.connect(host, server.port, ssl=pki.client_context())
-            assert conn.transport is not None and conn.transport.get_extra_info("peercert") is not None
+            assert conn.get_extra_info("peercert") is not None
             await exchange(conn, [b"", b"over tls", b"x" * 100_000])
             peer = format_address(conn.local_address)
             await conn.close()
@@ -256,13 +256,15 @@ def test_mutual_tls(any_loop: asyncio.Runner, pki: Pki, logs: pytest.LogCaptureF
         context = pki.server_context(client_ca=pki.ca_cert, require_client_cert=True)
         async with await aio.serve(port=0, ssl=context, connection_handler=handler) as server:
             # TLS 1.3: the client learns of the refusal on its first read, not in connect().
-            with pytest.raises((ssl.SSLError, ConnectionClosed)):
+            with pytest.raises((HandshakeError, ConnectionClosed)) as refused:
                 conn = await aio.connect("127.0.0.1", server.port, ssl=pki.client_context())
                 try:
                     await conn.send(b"no certificate")
                     await conn.receive()
                 finally:
                     conn.abort()
+            if isinstance(refused.value, ConnectionClosed):
+                assert refused.value.kind is EndKind.TLS and not refused.value.clean
             line = await wait_log(logs, "closed: TLS handshake failed:")
             assert "certificate" in line
             conn = await aio.connect("127.0.0.1", server.port, ssl=pki.client_context(cert="client"))
@@ -272,8 +274,7 @@ def test_mutual_tls(any_loop: asyncio.Runner, pki: Pki, logs: pytest.LogCaptureF
             assert server.statistics().errors == 1
 
     async def handler(conn: aio.Connection) -> None:
-        assert conn.transport is not None
-        subject = dict(item[0] for item in conn.transport.get_extra_info("peercert")["subject"])
+        subject = dict(item[0] for item in conn.get_extra_info("peercert")["subject"])
         async for _ in conn:
             await conn.send(subject["commonName"].encode())
 
@@ -297,9 +298,13 @@ def test_tls_verification_failures(
     async def main() -> None:
         async with await aio.serve(port=0, ssl=pki.server_context(cert=cert)) as server:
             ca = pki.other_ca_cert if trust == "other_ca" else pki.ca_cert
-            with pytest.raises(ssl.SSLCertVerificationError) as caught:
+            with pytest.raises(HandshakeError) as caught:
                 await aio.connect("127.0.0.1", server.port, ssl=pki.client_context(ca=ca))
-            assert caught.value.verify_message == why
+            assert str(caught.value) == (
+                f"TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {why}"
+            )
+            cause = caught.value.__cause__
+            assert isinstance(cause, ConnectionClosed) and cause.kind is EndKind.TLS
             line = await wait_log(logs, "127.0.0.1:", "closed: TLS handshake failed:")
             assert "Traceback" not in line
             await wait_until(lambda: server.statistics().active == 0)
@@ -320,7 +325,7 @@ def test_plaintext_client_to_tls_port(
             plain = await aio.connect("127.0.0.1", server.port)
             peer = format_address(plain.local_address)
             await plain.send(b"hello")
-            with pytest.raises((ConnectionClosed, ProtocolError)):
+            with pytest.raises(ConnectionClosed):
                 await plain.receive()
             plain.abort()
             await wait_log(logs, f"{peer} closed: TLS handshake failed:")
@@ -402,8 +407,9 @@ def test_plain_client_to_auth_server(any_loop: asyncio.Runner, logs: pytest.LogC
             assert server.statistics().errors == 1
             # The library client without a key sees the server's hello as a bad frame.
             conn = await aio.connect("127.0.0.1", server.port)
-            with pytest.raises(ProtocolError, match="exceeds max_size"):
+            with pytest.raises(ConnectionClosed, match="exceeds max_size") as info:
                 await conn.receive()
+            assert info.value.kind is EndKind.MESSAGE_TOO_LARGE
             conn.abort()
 
     run(any_loop, main())
@@ -520,8 +526,13 @@ def test_shutdown_during_handshake(any_loop: asyncio.Runner, logs: pytest.LogCap
 def test_proxy_header_gives_the_peer(
     any_loop: asyncio.Runner, logs: pytest.LogCaptureFixture, name: str
 ) -> None:
-    """After a valid header the logged peer is the proxied client (the socket's own for LOCAL) and echo works."""
+    """After a valid header the logged peer is the proxied client (the socket's own for LOCAL) and echo works.
+
+    A ``LOCAL`` connection (a load balancer's own) is logged on arrival at debug level only.
+    """
     info = PROXIED[name]
+    logs.set_level(logging.DEBUG, logger=LOGGER)
+    arrival = logging.DEBUG if info.command == "LOCAL" else logging.INFO
 
     async def main() -> None:
         async with await aio.serve(port=0, proxy_protocol=True) as server:
@@ -534,7 +545,7 @@ def test_proxy_header_gives_the_peer(
             close_stream(stream)
             await wait_log(logs, f"{peer} disconnected (2 messages in, 2 out)", level=logging.INFO)
             assert server.statistics().errors == 0
-        assert f"connection from {peer}" in lines(logs, logging.INFO)
+        assert f"connection from {peer}" in lines(logs, arrival)
 
     run(any_loop, main())
 
@@ -623,6 +634,8 @@ def test_proxy_then_tls(
 ) -> None:
     """A PROXY header in clear, then TLS: the header is not read past, the TLS peer is the proxied client."""
     info = PROXIED[name]
+    logs.set_level(logging.DEBUG, logger=LOGGER)
+    arrival = logging.DEBUG if info.command == "LOCAL" else logging.INFO
 
     async def main() -> None:
         async with await aio.serve(port=0, proxy_protocol=True, ssl=pki.server_context()) as server:
@@ -632,7 +645,7 @@ def test_proxy_then_tls(
             close_stream(stream)
             await wait_until(lambda: server.statistics().active == 0)
             assert server.statistics().messages_received == 1
-        assert f"connection from {peer}" in lines(logs, logging.INFO)
+        assert f"connection from {peer}" in lines(logs, arrival)
 
     run(any_loop, main())
 
@@ -691,7 +704,9 @@ def test_proxy_then_tls_failure_logs_the_proxied_peer(
                 await open_stream(
                     server.port, header=serialize(info), tls=pki.client_context(ca=pki.other_ca_cert)
                 )
-            await wait_log(logs, f"{format_address(info.source)} closed: TLS handshake failed")
+            # asyncio's client closes without sending its alert: the server sees the end.
+            line = await wait_log(logs, "during the TLS handshake")
+            assert line.startswith(f"{format_address(info.source)} closed: ")
 
     run(any_loop, main())
 
@@ -709,7 +724,8 @@ def test_proxy_then_auth(any_loop: asyncio.Runner, logs: pytest.LogCaptureFixtur
             await wait_log(logs, f"{peer} disconnected (1 messages in, 1 out)", level=logging.INFO)
             with pytest.raises(HandshakeError, match="rejected our key"):
                 await open_stream(server.port, header=serialize(info), key=OTHER_KEY)
-            await wait_log(logs, f"{peer} closed: authentication failed: the peer does not know the key")
+            line = await wait_log(logs, "closed: authentication failed: the peer does not know the key")
+            assert line.startswith(f"{peer} closed: ")
             assert server.statistics().errors == 1
 
     run(any_loop, main())
@@ -728,5 +744,55 @@ def test_proxy_tls_and_auth(any_loop: asyncio.Runner, pki: Pki, logs: pytest.Log
             close_stream(stream)
             await wait_until(lambda: server.statistics().active == 0)
         assert f"connection from {format_address(info.source)}" in lines(logs, logging.INFO)
+
+    run(any_loop, main())
+
+
+@pytest.mark.parametrize("ending", ["reset", "close"])
+def test_health_check_is_no_error(
+    any_loop: asyncio.Runner, caplog: pytest.LogCaptureFixture, ending: str
+) -> None:
+    """A PROXY v2 LOCAL header then the end (HAProxy's check-send-proxy) is a health check: debug log, no error."""
+    caplog.set_level(logging.DEBUG, logger=LOGGER)
+
+    async def main() -> None:
+        async with await aio.serve(port=0, proxy_protocol=True) as server:
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            try:
+                peer = format_address(sock.getsockname())
+                await wait_until(lambda: server.statistics().active == 1)  # its address is known
+                sock.sendall(serialize(PROXIED["v2-local"]))
+                if ending == "reset":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            finally:
+                sock.close()
+            await wait_until(lambda: server.statistics().active == 0)
+            assert f"{peer} health check (PROXY LOCAL)" in lines(caplog, logging.DEBUG)
+            stats = server.statistics()
+            assert (stats.health_checks, stats.errors, stats.connections) == (1, 0, 1)
+            assert "1 health checks" in stats.summary()
+        assert not lines(caplog, logging.WARNING)
+        assert not lines(caplog, logging.INFO)  # nothing but debug lines for a health check
+
+    run(any_loop, main())
+
+
+def test_connect_timeout_names_the_stage(any_loop: asyncio.Runner) -> None:
+    """A server that accepts but never answers the handshake makes connect() raise Timeout naming the stage."""
+
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        try:
+            port = listener.getsockname()[1]
+            with pytest.raises(Timeout) as info:
+                await aio.connect("127.0.0.1", port, auth_key=KEY, connect_timeout=unit(0.2))
+            assert str(info.value) == (
+                f"connecting to 127.0.0.1:{port}: handshake timeout: "
+                f"the authentication handshake did not complete within {unit(0.2):g} s"
+            )
+        finally:
+            listener.close()
 
     run(any_loop, main())

@@ -20,7 +20,14 @@ from msgsock.callback import (
     Reactor,
     direct,
 )
-from msgsock.exceptions import ConnectionClosed, IncompleteMessage, InvalidState, MessageTooLarge
+from msgsock.exceptions import (
+    ConnectionClosed,
+    EndKind,
+    IncompleteMessage,
+    InvalidState,
+    MessageTooLarge,
+    OversizeMessage,
+)
 from msgsock.framing import FrameDecoder, FrameFormat, Message, encode
 from msgsock.protocol import Limits
 from tests.callback.test_reactor import HOSTS, Recorder, plain_listener, recv_frames, settle
@@ -314,17 +321,17 @@ def test_raw_send_and_receive_are_refused(reactor: Reactor, host: str, peers: li
 def test_oversize_message_is_refused_before_sending(
     reactor: Reactor, host: str, peers: list[socket.socket]
 ) -> None:
-    """send_message above max_size raises MessageTooLarge, from any thread, and sends nothing."""
+    """send_message above max_size raises OversizeMessage (our mistake), from any thread, and sends nothing."""
     rec = Recorder()
     client, _ = client_to_plain_peer(reactor, host, peers, rec, frame=FrameFormat(max_size=10))
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(OversizeMessage):
         client.send_message(b"x" * 11)
     errors: list[BaseException] = []
 
     def other() -> None:
         try:
             client.send_message(b"y" * 11)
-        except MessageTooLarge as exc:
+        except OversizeMessage as exc:
             errors.append(exc)
 
     t = threading.Thread(target=other)
@@ -356,7 +363,7 @@ def test_peer_graceful_close_gives_on_close_zero(
 def test_peer_reset_gives_on_close_with_errno(
     reactor: Reactor, host: str, peers: list[socket.socket]
 ) -> None:
-    """A peer reset gives on_close(ECONNRESET) and closes the socket; send_message then fails."""
+    """A peer reset gives on_close(ECONNRESET) and closes the socket; send_message then fails with the same end."""
     rec = Recorder()
     client, peer = client_to_plain_peer(reactor, host, peers, rec)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -364,13 +371,15 @@ def test_peer_reset_gives_on_close_with_errno(
     rec.wait_count("close", 1)
     assert rec.events[-1] == ("close", errno.ECONNRESET)
     assert client.wait_closed(unit(5))
-    assert isinstance(client.error, ConnectionResetError)
-    with pytest.raises(ConnectionClosed):
+    assert isinstance(client.error, ConnectionClosed) and client.error.kind is EndKind.RESET
+    assert isinstance(client.error.__cause__, ConnectionResetError)
+    with pytest.raises(ConnectionClosed) as info:
         client.send_message(b"anyone?")
+    assert info.value.kind is EndKind.RESET and not info.value.clean
 
 
 def test_protocol_error_closes_with_eproto(reactor: Reactor, host: str, peers: list[socket.socket]) -> None:
-    """A frame length above max_size closes the socket with on_close(EPROTO) and .error set."""
+    """A frame length above max_size closes the socket with on_close(EPROTO); .error says why."""
     rec = Recorder()
     client, peer = client_to_plain_peer(reactor, host, peers, rec, frame=FrameFormat(max_size=100))
     peer.sendall(encode(b"fine"))
@@ -378,7 +387,10 @@ def test_protocol_error_closes_with_eproto(reactor: Reactor, host: str, peers: l
     peer.sendall(struct.pack(">I", 101))
     rec.wait_count("close", 1)
     assert rec.events[1:] == [("message", b"fine"), ("close", errno.EPROTO)]
-    assert isinstance(client.error, MessageTooLarge)
+    assert isinstance(client.error, ConnectionClosed)
+    assert client.error.kind is EndKind.MESSAGE_TOO_LARGE
+    assert client.error.reason == "message size 101 exceeds max_size 100"
+    assert isinstance(client.error.__cause__, MessageTooLarge)
     assert client.wait_closed(unit(5))
 
 
@@ -391,7 +403,8 @@ def test_messages_before_a_bad_header_in_one_write_are_delivered(
     peer.sendall(encode(b"one") + encode(b"two") + struct.pack(">I", 101))
     rec.wait_count("close", 1)
     assert rec.events[1:] == [("message", b"one"), ("message", b"two"), ("close", errno.EPROTO)]
-    assert isinstance(client.error, MessageTooLarge)
+    assert isinstance(client.error, ConnectionClosed)
+    assert client.error.kind is EndKind.MESSAGE_TOO_LARGE
 
 
 def test_stream_ending_mid_frame_closes_with_eproto(
@@ -404,7 +417,9 @@ def test_stream_ending_mid_frame_closes_with_eproto(
     peer.shutdown(socket.SHUT_WR)
     rec.wait_count("close", 1)
     assert rec.events[-1] == ("close", errno.EPROTO)
-    assert isinstance(client.error, IncompleteMessage)
+    assert isinstance(client.error, ConnectionClosed)
+    assert client.error.kind is EndKind.INCOMPLETE_MESSAGE
+    assert isinstance(client.error.__cause__, IncompleteMessage)
 
 
 # -- dispatcher: a sleeping UI thread does not stall the reactor ------------------------------------------

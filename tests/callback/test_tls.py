@@ -1,8 +1,9 @@
 """Tests of MessageSocket over TLS and with the shared-key handshake (SPEC §4.2, §5.3, §7).
 
-The peers are the blocking layer's real ``ThreadedServer`` and ``connect()`` (with
-their own TLS and authentication code), so these also check that the callback
-layer's memory-BIO pump interoperates with them.
+The peers are the blocking layer's real ``ThreadedServer`` and ``connect()``, so these
+also check that the callback layer's pump interoperates with another layer.  Every
+failure shows as the core's end: ``on_connect``/``on_close`` with an errno, and a
+``ConnectionClosed`` in ``.error`` whose ``kind`` and ``reason`` say what happened.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from msgsock.callback import AsyncSocket, MessageSocket, Reactor
-from msgsock.exceptions import ConnectionClosed, HandshakeError, Timeout
+from msgsock.exceptions import ConnectionClosed, EndKind, HandshakeError
 from msgsock.protocol import Limits
 from msgsock.sync import Connection, ThreadedServer, connect
 from tests.callback.test_message_socket import Collector
@@ -139,7 +139,7 @@ def test_tls_round_trip(
 def test_wrong_ca_fails_connect_with_ssl_error(
     reactor: Reactor, pki: Pki, start_server: ServerFactory, cleanup: list[Any]
 ) -> None:
-    """A server certificate from an untrusted CA gives on_connect(ECONNABORTED) with the SSLError, and nothing is sent."""
+    """A server certificate from an untrusted CA gives on_connect(ECONNABORTED), a TLS end, and nothing is sent."""
     server = start_server(lambda m: m, "127.0.0.1", ssl=pki.server_context())
     client, rec = open_client(
         reactor,
@@ -151,7 +151,9 @@ def test_wrong_ca_fails_connect_with_ssl_error(
     )
     rec.wait_count("connect", 1)
     assert rec.events == [("connect", errno.ECONNABORTED)]
-    assert isinstance(client.error, ssl.SSLCertVerificationError)
+    assert isinstance(client.error, ConnectionClosed) and client.error.kind is EndKind.TLS
+    assert client.error.reason.startswith("TLS handshake failed: ")
+    assert "certificate verify failed" in client.error.reason
     assert client.handshake_stage == "tls"
     with pytest.raises(ConnectionClosed):
         client.send_message(b"after the failure")
@@ -170,7 +172,8 @@ def test_tls_against_plain_server_fails_in_tls_stage(
     [(name, err)] = rec.events
     assert name == "connect" and err in (errno.ECONNABORTED, errno.ECONNRESET)
     assert client.handshake_stage == "tls"
-    assert isinstance(client.error, OSError)  # ssl.SSLEOFError, or the reset
+    assert isinstance(client.error, ConnectionClosed) and client.error.kind is EndKind.TLS
+    assert "during the TLS handshake" in client.error.reason  # closed or reset by the peer
 
 
 def test_auth_right_key(reactor: Reactor, host: str, start_server: ServerFactory, cleanup: list[Any]) -> None:
@@ -191,8 +194,8 @@ def test_auth_wrong_key(reactor: Reactor, start_server: ServerFactory, cleanup: 
     )
     rec.wait_count("connect", 1)
     assert rec.events == [("connect", errno.ECONNABORTED)]
-    assert isinstance(client.error, HandshakeError)
-    assert "rejected our key" in str(client.error)
+    assert isinstance(client.error, ConnectionClosed) and client.error.kind is EndKind.AUTHENTICATION
+    assert client.error.reason == "authentication failed: the server rejected our key"
     assert client.handshake_stage == "auth"
     stats = server_stats_settled(server)
     assert (stats.messages_received, stats.errors) == (0, 1)
@@ -201,13 +204,15 @@ def test_auth_wrong_key(reactor: Reactor, start_server: ServerFactory, cleanup: 
 def test_auth_against_server_without_key(
     reactor: Reactor, start_server: ServerFactory, cleanup: list[Any]
 ) -> None:
-    """A server without a key drops our hello: on_connect fails with a HandshakeError that says so."""
+    """A server without a key drops our hello: on_connect fails with an authentication end."""
     server = start_server(lambda m: m, "127.0.0.1")
     client, rec = open_client(reactor, "127.0.0.1", server.port, cleanup, auth_key=KEY)
     rec.wait_count("connect", 1)
-    assert rec.events == [("connect", errno.ECONNABORTED)]
-    assert isinstance(client.error, HandshakeError), repr(client.error)
-    assert "auth key" in str(client.error)
+    [(name, err)] = rec.events
+    assert name == "connect" and err in (errno.ECONNABORTED, errno.ECONNRESET)  # closed, or reset
+    assert isinstance(client.error, ConnectionClosed), repr(client.error)
+    assert client.error.kind is EndKind.AUTHENTICATION
+    assert "authentication" in client.error.reason
 
 
 def test_tls_and_auth(
@@ -226,7 +231,8 @@ def test_tls_and_auth(
     )
     bad_rec.wait_count("connect", 1)
     assert bad_rec.events == [("connect", errno.ECONNABORTED)]
-    assert isinstance(bad.error, HandshakeError) and bad.handshake_stage == "auth"
+    assert isinstance(bad.error, ConnectionClosed) and bad.error.kind is EndKind.AUTHENTICATION
+    assert bad.handshake_stage == "auth"
 
 
 def test_large_message_over_tls(
@@ -288,8 +294,10 @@ def test_handshake_timeout(reactor: Reactor, pki: Pki, cleanup: list[Any]) -> No
     cleanup.append(peer)
     rec.wait_count("connect", 1)
     assert rec.events == [("connect", errno.ETIMEDOUT)]
-    assert isinstance(client.error, Timeout)
-    assert "TLS handshake" in str(client.error)
+    assert isinstance(client.error, ConnectionClosed) and client.error.kind is EndKind.HANDSHAKE_TIMEOUT
+    assert (
+        client.error.reason == f"handshake timeout: the TLS handshake did not complete within {unit(0.3):g} s"
+    )
 
 
 def test_bad_auth_key_is_refused_at_construction(reactor: Reactor) -> None:
@@ -361,18 +369,19 @@ def test_callback_client_and_server_over_tls_and_auth(reactor: Reactor, pki: Pki
     assert conn.wait_closed(unit(5))
 
 
-def test_server_side_wrong_key_closes_with_handshake_error(
-    reactor: Reactor, cleanup: list[Any], caplog: pytest.LogCaptureFixture
+def test_server_side_wrong_key_closes_with_an_authentication_end(
+    reactor: Reactor, cleanup: list[Any]
 ) -> None:
-    """A client with the wrong key gets the rejection; the accepted socket reports on_close(ECONNABORTED) and logs why."""
+    """A client with the wrong key gets the rejection; the accepted socket reports on_close(ECONNABORTED) and why."""
     listener, rec = secure_listener(reactor, "127.0.0.1", cleanup, auth_key=KEY)
     with pytest.raises(HandshakeError, match="rejected our key"):
         connect("127.0.0.1", listener.sock_name[1], auth_key=OTHER_KEY, connect_timeout=unit(5))
     rec.wait_count("close", 1)
     assert rec.events == [("close", errno.ECONNABORTED)]
     [conn] = listener.accepted
-    assert isinstance(conn.error, HandshakeError) and conn.handshake_stage == "auth"
-    assert any("closed: authentication failed" in r.getMessage() for r in caplog.records)
+    assert isinstance(conn.error, ConnectionClosed) and conn.error.kind is EndKind.AUTHENTICATION
+    assert conn.error.reason == "authentication failed: the peer does not know the key"
+    assert conn.handshake_stage == "auth"
 
 
 def test_send_from_other_threads_over_tls(

@@ -137,7 +137,7 @@ def test_cancel_wakes_a_receive_in_the_middle_of_a_frame(sockets: Sockets) -> No
     frame = encode(b"half a message")
     raw.sendall(frame[:7])
     call = Call(sockets, conn.receive)
-    wait_for(lambda: conn._protocol.in_frame)
+    wait_for(lambda: conn.protocol.in_frame)
     conn.cancel()
     call.wait()
     assert isinstance(call.error, Cancelled), call.error
@@ -187,7 +187,7 @@ def test_cancel_wakes_a_blocked_send(sockets: Sockets) -> None:
     """A send blocked on a peer that does not read raises Cancelled; the peer sees a cut-off frame."""
     conn, raw = small_buffer_pair(sockets)
     call = Call(sockets, lambda: conn.send(b"s" * BIG))
-    wait_for(conn._send_lock.locked)
+    wait_for(conn._write_lock.locked)
     assert raw.recv(1, socket.MSG_PEEK) == b"\x00", "the frame has started to arrive"
     conn.cancel()
     call.wait()
@@ -201,7 +201,7 @@ def test_close_after_cancelled_send_does_not_wait(sockets: Sockets) -> None:
     """After a cancelled send, close() with the default close_timeout returns at once."""
     conn, _raw = small_buffer_pair(sockets)
     call = Call(sockets, lambda: conn.send(b"s" * BIG))
-    wait_for(conn._send_lock.locked)
+    wait_for(conn._write_lock.locked)
     conn.cancel()
     call.wait()
     start = time.monotonic()
@@ -217,7 +217,7 @@ def test_second_concurrent_send_raises_at_once(sockets: Sockets) -> None:
     conn, raw = small_buffer_pair(sockets)
     body = b"b" * BIG
     first = Call(sockets, lambda: conn.send(body))
-    wait_for(conn._send_lock.locked)
+    wait_for(conn._write_lock.locked)
     start = time.monotonic()
     with pytest.raises(ConcurrencyError):
         conn.send(b"second")
@@ -251,7 +251,7 @@ def test_send_and_receive_may_block_together(sockets: Sockets) -> None:
     conn, _raw = small_buffer_pair(sockets)
     sender = Call(sockets, lambda: conn.send(b"x" * BIG))
     receiver = Call(sockets, conn.receive)
-    wait_for(lambda: conn._send_lock.locked() and conn._recv_lock.locked())
+    wait_for(lambda: conn._write_lock.locked() and conn._recv_lock.locked())
     conn.cancel()
     sender.wait()
     receiver.wait()

@@ -18,9 +18,12 @@ import pytest
 from msgsock.exceptions import (
     ConcurrencyError,
     ConnectionClosed,
+    EndKind,
+    HandshakeError,
     IncompleteMessage,
     InvalidState,
     MessageTooLarge,
+    OversizeMessage,
     Timeout,
 )
 from msgsock.framing import FrameFormat, Message, encode
@@ -397,10 +400,11 @@ def test_reset_is_unclean(sockets: Sockets) -> None:
     raw.close()
     with pytest.raises(ConnectionClosed) as info:
         conn.receive(unit(5))
-    assert not info.value.clean
-    assert "reset" in info.value.reason
-    with pytest.raises(ConnectionClosed):
+    assert not info.value.clean and info.value.kind is EndKind.RESET
+    assert info.value.reason == "connection reset by peer"
+    with pytest.raises(ConnectionClosed) as again:
         conn.send(b"after reset")
+    assert again.value.kind is EndKind.RESET
 
 
 def test_eof_mid_frame_is_unclean(sockets: Sockets) -> None:
@@ -410,30 +414,43 @@ def test_eof_mid_frame_is_unclean(sockets: Sockets) -> None:
     raw.shutdown(socket.SHUT_WR)
     with pytest.raises(ConnectionClosed) as info:
         conn.receive(unit(5))
-    assert not info.value.clean
+    assert not info.value.clean and info.value.kind is EndKind.INCOMPLETE_MESSAGE
     assert isinstance(info.value.__cause__, IncompleteMessage)
     assert info.value.__cause__.received == 7 and info.value.__cause__.expected == 14
 
 
-def test_oversize_frame_raises_then_connection_is_closed(sockets: Sockets) -> None:
-    """A frame above max_size raises MessageTooLarge, the socket is closed, later calls raise ConnectionClosed."""
+def test_oversize_frame_ends_the_connection(sockets: Sockets) -> None:
+    """A frame above max_size ends the connection: ConnectionClosed(kind MESSAGE_TOO_LARGE), caused by MessageTooLarge."""
     conn, raw = client_and_raw(sockets, frame=FrameFormat(max_size=100))
     raw.sendall(encode(b"fine"))
     assert conn.receive(unit(5)) == b"fine"
     raw.sendall(struct.pack(">I", 1000))
-    with pytest.raises(MessageTooLarge) as info:
+    with pytest.raises(ConnectionClosed) as info:
         conn.receive(unit(5))
-    assert (info.value.size, info.value.max_size) == (1000, 100)
+    assert not info.value.clean and info.value.kind is EndKind.MESSAGE_TOO_LARGE
+    assert info.value.reason == "message size 1000 exceeds max_size 100"
+    cause = info.value.__cause__
+    assert isinstance(cause, MessageTooLarge) and (cause.size, cause.max_size) == (1000, 100)
     assert conn.closed
     with pytest.raises(ConnectionClosed) as closed:
         conn.receive(unit(5))
-    assert not closed.value.clean
+    assert closed.value.kind is EndKind.MESSAGE_TOO_LARGE
     with pytest.raises(ConnectionClosed):
         conn.send(b"x")
     try:
         assert raw.recv(10) == b""
     except ConnectionResetError:
         pass
+
+
+def test_messages_before_a_bad_frame_are_delivered(sockets: Sockets) -> None:
+    """Whole frames that arrive with a bad header are delivered before the connection's end is raised."""
+    conn, raw = client_and_raw(sockets, frame=FrameFormat(max_size=100))
+    raw.sendall(encode(b"one") + encode(b"two") + struct.pack(">I", 101))
+    assert [conn.receive(unit(5)), conn.receive(unit(5))] == [b"one", b"two"]
+    with pytest.raises(ConnectionClosed) as info:
+        conn.receive(unit(5))
+    assert info.value.kind is EndKind.MESSAGE_TOO_LARGE
 
 
 def test_iteration_until_clean_close(sockets: Sockets) -> None:
@@ -513,7 +530,7 @@ def test_receive_timeout_does_not_break_a_concurrent_send(sockets: Sockets) -> N
             errors.append(exc)
 
     sender = sockets.thread(send)
-    wait_for(conn._send_lock.locked)
+    wait_for(conn._write_lock.locked)
     for _ in range(3):
         with pytest.raises(Timeout):
             conn.receive(timeout=unit(0.1))
@@ -524,10 +541,12 @@ def test_receive_timeout_does_not_break_a_concurrent_send(sockets: Sockets) -> N
 
 
 def test_send_too_large_leaves_connection_usable(sockets: Sockets) -> None:
-    """Sending a body above max_size raises MessageTooLarge before writing anything."""
+    """Sending a body above max_size raises OversizeMessage (our mistake, not the peer's) before writing anything."""
     conn, raw = client_and_raw(sockets, frame=FrameFormat(max_size=10))
-    with pytest.raises(MessageTooLarge):
+    with pytest.raises(OversizeMessage) as info:
         conn.send(b"x" * 11)
+    assert (info.value.size, info.value.max_size) == (11, 10)
+    assert not isinstance(info.value, MessageTooLarge)
     conn.send(b"y" * 10)
     assert recv_frame(raw) == b"y" * 10
 
@@ -570,18 +589,24 @@ def test_graceful_close(sockets: Sockets) -> None:
     conn.close()  # idempotent
     with pytest.raises(ConnectionClosed):
         conn.receive(unit(1))
-    with pytest.raises(InvalidState):
+    with pytest.raises(ConnectionClosed):
         conn.send(b"after close")
 
 
 def test_close_gives_up_after_timeout(sockets: Sockets) -> None:
-    """close() returns after its timeout when the peer never closes; the peer has seen our EOF."""
+    """close() resets after its timeout when the peer never closes; the peer saw our EOF first."""
     conn, raw = client_and_raw(sockets)
     start = time.monotonic()
-    conn.close(timeout=unit(0.3))
+    closer = sockets.thread(lambda: conn.close(timeout=unit(0.3)))
+    assert raw.recv(10) == b""  # our EOF, while close() waits for the peer's
+    closer.join(unit(5))
     elapsed = time.monotonic() - start
+    assert not closer.is_alive() and conn.closed
     assert unit(0.25) <= elapsed < unit(3)
-    assert raw.recv(10) == b""
+    with pytest.raises(ConnectionClosed) as info:
+        conn.receive(timeout=0)
+    assert info.value.kind is EndKind.CLOSE_TIMEOUT
+    assert info.value.reason == f"close timeout: the connection did not close within {unit(0.3):g} s"
 
 
 def test_close_wakes_a_blocked_receiver(sockets: Sockets) -> None:
@@ -613,7 +638,7 @@ def test_abort_resets_the_peer(sockets: Sockets) -> None:
     assert conn.closed
     with pytest.raises(ConnectionResetError):
         raw.recv(10)
-    with pytest.raises(InvalidState):
+    with pytest.raises(ConnectionClosed):
         conn.send(b"y")
 
 
@@ -687,7 +712,7 @@ def tls_contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLConte
 def test_tls_round_trip_and_timeout(
     sockets: Sockets, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
-    """Over TLS, messages round-trip, a receive timeout keeps a partial frame, and close() ends cleanly."""
+    """Over TLS, messages round-trip, a receive timeout keeps a partial frame, a half-close keeps receiving, close() ends."""
     server_ctx, client_ctx = tls_contexts
     listener = sockets.listener()
     accepted: list[ssl.SSLSocket] = []
@@ -711,8 +736,10 @@ def test_tls_round_trip_and_timeout(
         conn.receive(timeout=unit(0.1))
     peer.sendall(frame[6:])
     assert conn.receive(timeout=unit(5)) == b"over tls"
-    with pytest.raises(InvalidState):
-        conn.send_eof()
+    conn.send_eof()  # a TLS half-close: close_notify, then our FIN; receiving goes on
+    assert peer.recv(10) == b""
+    peer.sendall(encode(b"after our eof"))
+    assert conn.receive(timeout=unit(5)) == b"after our eof"
     conn.close(timeout=unit(1))
     assert conn.closed
 
@@ -720,7 +747,7 @@ def test_tls_round_trip_and_timeout(
 def test_tls_bad_certificate_fails(
     sockets: Sockets, tls_contexts: tuple[ssl.SSLContext, ssl.SSLContext]
 ) -> None:
-    """A server certificate the client does not trust fails connect() with ssl.SSLError."""
+    """A server certificate the client does not trust fails connect() with HandshakeError, in OpenSSL's words."""
     server_ctx, _ = tls_contexts
     listener = sockets.listener()
 
@@ -733,7 +760,10 @@ def test_tls_bad_certificate_fails(
             raw.close()
 
     sockets.thread(accept)
-    with pytest.raises(ssl.SSLError):
+    with pytest.raises(HandshakeError) as info:
         connect(
             "127.0.0.1", listener.getsockname()[1], ssl=ssl.create_default_context(), connect_timeout=unit(5)
         )
+    assert str(info.value).startswith("TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]")
+    cause = info.value.__cause__
+    assert isinstance(cause, ConnectionClosed) and cause.kind is EndKind.TLS

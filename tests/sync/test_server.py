@@ -15,12 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from msgsock._net import format_address
-from msgsock.exceptions import ConnectionClosed
+from msgsock.exceptions import ConnectionClosed, EndKind
 from msgsock.framing import FrameFormat, Message, encode
-from msgsock.protocol import Limits
-from msgsock.sync import Connection, ThreadedServer, connect
-from msgsock.sync import connection as connection_module
+from msgsock.protocol import Limits, format_address
+from msgsock.sync import Connection, ServerConnection, ThreadedServer, connect
 from tests.helpers import free_loopback6, unit, wait_for
 
 T = TypeVar("T")
@@ -238,26 +236,32 @@ def test_bind_failure_raises_in_constructor(harness: Harness) -> None:
 
 def test_replies_of_one_read_leave_in_one_write(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """All replies to the messages decoded from one read are written with one call (SPEC §8)."""
+    server = harness.server(echo)
     reads = 0
     writes: list[int] = []
-    original_recv = connection_module.Connection._recv_into
-    original_write = connection_module.Connection._write
+    original_recv = socket.socket.recv_into
+    original_sendall = socket.socket.sendall
 
-    def counting_recv(self: Connection, *args: Any) -> int:
+    def ours(sock: socket.socket) -> bool:
+        try:
+            return bool(sock.getsockname()[1] == server.port)
+        except OSError:
+            return False
+
+    def counting_recv(self: socket.socket, *args: Any) -> int:
         nonlocal reads
         n = original_recv(self, *args)
-        if n and self._enforce_limits:
+        if n and ours(self):
             reads += 1
         return n
 
-    def counting_write(self: Connection, chunks: list[Any]) -> None:
-        if self._enforce_limits:
-            writes.append(len(chunks))
-        original_write(self, chunks)
+    def counting_sendall(self: socket.socket, data: Any, *args: Any) -> None:
+        if ours(self):
+            writes.append(len(data))
+        original_sendall(self, data, *args)
 
-    monkeypatch.setattr(connection_module.Connection, "_recv_into", counting_recv)
-    monkeypatch.setattr(connection_module.Connection, "_write", counting_write)
-    server = harness.server(echo)
+    monkeypatch.setattr(socket.socket, "recv_into", counting_recv)
+    monkeypatch.setattr(socket.socket, "sendall", counting_sendall)
     raw = harness.raw(server)
     raw.sendall(b"".join(encode(b"msg %d" % i) for i in range(20)))
     expected = b"".join(encode(b"msg %d" % i) for i in range(20))
@@ -266,6 +270,7 @@ def test_replies_of_one_read_leave_in_one_write(harness: Harness, monkeypatch: p
         received += raw.recv(65536)
     assert received == expected
     assert 1 <= len(writes) == reads
+    assert sum(writes) == len(expected)
 
 
 # -- limits and failures ----------------------------------------------------------------
@@ -406,6 +411,62 @@ def test_handler_exception_closes_only_that_connection(harness: Harness) -> None
     wait_for(lambda: server.statistics().errors == 1)
 
 
+def test_handler_exception_resets_and_is_counted(harness: Harness) -> None:
+    """A handler that raises resets its connection (SPEC §5.0): the client sees a reset, the log the core's words."""
+
+    def handler(message: bytes) -> bytes:
+        raise ValueError("boom")
+
+    server = harness.server(handler)
+    client = harness.connect(server)
+    peer = format_address(client.local_address)
+    client.send(b"x")
+    closed = expect_closed(client)
+    assert not closed.clean and closed.kind is EndKind.RESET
+    record = harness.log.wait_text(f"{peer} closed: handler raised ValueError: boom")
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    wait_for(lambda: server.statistics().active == 0)
+    assert server.statistics().error_kinds == {"handler error": 1}
+
+
+def test_handler_returning_a_wrong_type_resets(harness: Harness) -> None:
+    """A handler that returns str (not bytes) resets its connection, logged with the type, counted as a handler error."""
+    server = harness.server(lambda m: m.decode())
+    client = harness.connect(server)
+    peer = format_address(client.local_address)
+    client.send(b"text")
+    closed = expect_closed(client)
+    assert not closed.clean and closed.kind is EndKind.RESET
+    record = harness.log.wait_text(
+        f"{peer} closed: handler returned str; expected bytes, bytearray, memoryview or None"
+    )
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    wait_for(lambda: server.statistics().active == 0)
+    assert server.statistics().error_kinds == {"handler error": 1}
+
+
+def test_connection_handler_exception_resets(harness: Harness) -> None:
+    """A connection_handler that raises resets its connection and is logged with its traceback."""
+
+    def handle(conn: Connection) -> None:
+        conn.send(conn.receive(unit(5)))
+        raise RuntimeError("handler bug")
+
+    server = harness.server(connection_handler=handle)
+    client = harness.connect(server)
+    peer = format_address(client.local_address)
+    client.send(b"one")
+    assert client.receive(unit(5)) == b"one"
+    closed = expect_closed(client)
+    assert not closed.clean and closed.kind is EndKind.RESET
+    record = harness.log.wait_text(f"{peer} closed: handler raised RuntimeError: handler bug")
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    wait_for(lambda: server.statistics().active == 0)
+    stats = server.statistics()
+    assert stats.error_kinds == {"handler error": 1}
+    assert (stats.messages_received, stats.messages_sent) == (1, 1)
+
+
 def test_peer_reset_and_truncation_are_logged(harness: Harness) -> None:
     """A reset and an EOF mid-frame are each logged as abnormal ends, without traceback."""
     server = harness.server(echo)
@@ -415,15 +476,18 @@ def test_peer_reset_and_truncation_are_logged(harness: Harness) -> None:
     assert reset.recv(100) == encode(b"x")
     reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     reset.close()
-    record = harness.log.wait_text(reset_peer, "closed", "reset")
+    record = harness.log.wait_text(f"{reset_peer} closed: connection reset by peer")
     assert record.levelno == logging.WARNING and record.exc_info is None
     cut = harness.raw(server)
     cut_peer = format_address(cut.getsockname())
     cut.sendall(struct.pack(">I", 50) + b"half")
     cut.shutdown(socket.SHUT_WR)
-    record = harness.log.wait_text(cut_peer, "closed", "incomplete message")
+    record = harness.log.wait_text(
+        f"{cut_peer} closed: stream ended after 8 bytes of 54 of an unfinished frame"
+    )
     assert record.levelno == logging.WARNING and record.exc_info is None
     wait_for(lambda: server.statistics().errors == 2)
+    assert server.statistics().error_kinds == {"reset": 1, "incomplete message": 1}
 
 
 # -- shutdown and statistics ------------------------------------------------------------
@@ -461,6 +525,82 @@ def test_shutdown_drains_in_flight_messages(harness: Harness) -> None:
     assert (stats.connections, stats.active, stats.errors) == (1, 0, 0)
     assert (stats.messages_received, stats.messages_sent) == (2, 2)
     harness.log.wait_text("disconnected (2 messages in, 2 out)")
+
+
+class Flooder:
+    """A raw client that sends frames as fast as it can on one thread and reads the echoes on another."""
+
+    FRAME = encode(b"f" * 60)
+    BATCH = FRAME * 64
+
+    def __init__(self, harness: Harness, server: ThreadedServer) -> None:
+        self.sock = harness.raw(server)
+        self.sent = 0
+        self.echoed = 0
+        self.eof = threading.Event()
+        self.stop = threading.Event()
+        self.sender = harness.thread(self._send)
+        harness.thread(self._read)
+
+    def _send(self) -> None:
+        while not self.stop.is_set():
+            self.sock.sendall(self.BATCH)
+            self.sent += 64
+
+    def _read(self) -> None:
+        size = len(self.FRAME)
+        pending = b""
+        while chunk := self.sock.recv(1 << 16):
+            pending += chunk
+            whole = len(pending) // size
+            pending = pending[whole * size :]
+            self.echoed += whole
+        assert pending == b""
+        self.eof.set()
+
+    def finish(self, extra: int) -> None:
+        """After the server's EOF: stop flooding, send ``extra`` frames more, then our EOF."""
+        assert self.eof.wait(unit(10)), "the server never sent its EOF"
+        self.stop.set()
+        self.sender.join(unit(10))
+        self.sock.sendall(self.FRAME * extra)
+        self.sent += extra
+        self.sock.shutdown(socket.SHUT_WR)
+
+
+def test_shutdown_under_load_counts_late_messages_as_discarded(harness: Harness) -> None:
+    """Shutdown while a client keeps sending (issue 10 defect 3): messages in == out, what came after our EOF is discarded."""
+    server = harness.server(echo)
+    flooder = Flooder(harness, server)
+    wait_for(lambda: server.statistics().messages_sent > 1000)
+    stopper = harness.thread(lambda: server.shutdown(timeout=unit(10)))
+    flooder.finish(extra=5)
+    stopper.join(unit(15))
+    assert not stopper.is_alive()
+    stats = server.statistics()
+    assert stats.messages_received == stats.messages_sent == flooder.echoed
+    assert stats.messages_discarded >= 5
+    assert stats.messages_received + stats.messages_discarded == flooder.sent
+    assert (stats.errors, stats.active) == (0, 0)
+    assert (
+        f"{stats.messages_received} messages in / {stats.messages_sent} out ({stats.messages_discarded} discarded)"
+        in stats.summary()
+    )
+    record = harness.log.wait_text(
+        f"disconnected ({stats.messages_received} messages in, {stats.messages_sent} out, "
+        f"{stats.messages_discarded} discarded)"
+    )
+    assert record.levelno == logging.INFO
+
+
+def _receiving(conn: object) -> bool:
+    """The server's connection is blocked in receive() (its handler waits for data)."""
+    return isinstance(conn, ServerConnection) and conn._recv_lock.locked()
+
+
+def _writing(conn: object) -> bool:
+    """The server's connection is writing (a peer that does not read blocks it there)."""
+    return isinstance(conn, ServerConnection) and conn._write_lock.locked()
 
 
 def _refused(server: ThreadedServer) -> bool:
@@ -504,7 +644,7 @@ def test_shutdown_with_connection_handler(harness: Harness) -> None:
     client = harness.connect(server)
     client.send(b"one")
     assert client.receive(unit(5)) == b"one"
-    wait_for(lambda: all(c._waiting for c in list(server._connections)))
+    wait_for(lambda: all(_receiving(p.pump) for p in list(server._sp.connections)))
     stopper = harness.thread(lambda: server.shutdown(timeout=unit(10)))
     assert expect_closed(client).clean
     client.close(unit(5))
@@ -528,7 +668,7 @@ def test_shutdown_wakes_a_connection_blocked_sending(harness: Harness) -> None:
             pass
 
     harness.thread(flood)
-    wait_for(lambda: any(c._send_lock.locked() for c in list(server._connections)))
+    wait_for(lambda: any(_writing(p.pump) for p in list(server._sp.connections)))
     start = time.monotonic()
     server.shutdown(timeout=unit(0.3))
     assert time.monotonic() - start < unit(0.3) + 2.0
@@ -569,10 +709,12 @@ def test_context_manager_and_summary(harness: Harness) -> None:
         "rejected": 0,
         "errors": 0,
         "error_kinds": {},
+        "health_checks": 0,
         "messages_received": 3,
         "messages_sent": 3,
         "bytes_received": 27,
         "bytes_sent": 27,
+        "messages_discarded": 0,
     }
     assert stats.summary() == (
         "3 connections (0 rejected), 3 messages in / 3 out, 27 bytes in / 27 out, 0 errors"

@@ -4,10 +4,16 @@ Works on the stock asyncio event loop and on uvloop.  Importing this package nev
 changes the event loop policy; :func:`install_uvloop` and :func:`run` are the
 explicit ways to use uvloop (SPEC §3: uvloop when present, stock asyncio otherwise).
 
+Both are thin pumps over the sans-I/O core (STYLE §1, §11): a connection's
+:class:`~msgsock.protocol.MessageProtocol` and a server's
+:class:`~msgsock.serving.ServerProtocol` decide what happens; the asyncio code only
+moves bytes, so these behave as every other layer and engine does (SPEC §5.0).
+
 Security options (SPEC §4.2, §7): ``serve(ssl=..., auth_key=..., proxy_protocol=True)``
-and ``connect(ssl=..., auth_key=...)``.  A server runs the stages PROXY header, TLS,
-authentication in that order within one ``limits.handshake_timeout``, before the
-framed protocol takes the connection over.
+and ``connect(ssl=..., auth_key=...)``.  The stages (PROXY header, TLS through
+``ssl.SSLObject`` over memory BIOs, authentication) run inside the core, in that
+order and within one ``limits.handshake_timeout`` on a server; the transport is
+always plain TCP.
 """
 
 from __future__ import annotations

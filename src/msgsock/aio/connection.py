@@ -1,73 +1,89 @@
 """asyncio connections: :func:`connect` and :class:`Connection` (SPEC §5.1).
 
 Theory of operation.  A :class:`Connection` is an :class:`asyncio.BufferedProtocol`
-and a pump over :class:`~msgsock.protocol.MessageProtocol` (STYLE §1):
+and a pump over :class:`~msgsock.protocol.MessageProtocol` (STYLE §1, §11): the core
+decides what the connection does, this module only moves bytes and wakes the tasks
+that wait.
 
 - the transport reads straight into a buffer shared by every connection of the
   thread (:func:`read_buffer`; ``get_buffer`` and ``buffer_updated`` always run back
-  to back, and the decoder copies what it keeps, so one buffer serves them all and a
+  to back, and the core copies what it keeps, so one buffer serves them all and a
   connection at rest costs no buffer at all, SPEC §8);
 - ``buffer_updated`` feeds the bytes to the core, which returns every complete frame
-  of that read; they go to a bounded queue that :meth:`Connection.receive` takes
-  from.  When the application stops taking (more than ``limits.write_high_water``
-  bytes unread), the connection pauses reading from the socket, so a fast peer
-  cannot make us buffer without bound (SPEC §7); it resumes below
-  ``limits.write_low_water``;
-- :meth:`Connection.send` encodes through the core and writes at once; it then
-  waits while the transport's buffer is above the high-water mark (the transport
-  reports that with ``pause_writing``/``resume_writing``);
-- the end of the connection is recorded once, with how it ended, and every later
-  :meth:`~Connection.receive` raises the matching
-  :class:`~msgsock.exceptions.ConnectionClosed`.  ``OSError`` is translated here and
-  nowhere else (STYLE §4).
+  of that read; they wait in a queue that :meth:`Connection.receive` takes from, and
+  the core is told (``inbox_add``/``inbox_take``) so it pauses reading while the
+  application does not take them (SPEC §7);
+- after every call into the core the pump runs :meth:`Connection.act`: it writes what
+  the core has to send (TLS records and handshake bytes included: the pump never
+  looks at them), and once the core's state is not ``OPEN`` it does what
+  ``close_action`` says (shut down our sending side, close, or reset), pauses or
+  resumes reading as ``reading_paused`` says, and wakes the waiting tasks;
+- every error the application sees comes from the core (``closed_error()``):
+  :class:`~msgsock.exceptions.ConnectionClosed` with the core's ``kind``, ``clean``
+  and ``reason``.  ``OSError`` goes to ``connection_lost`` untranslated.
 
-Close (the Winsock graceful shutdown of the seeds): flush, shut down our sending
-side (``write_eof``), read and discard until the peer's EOF or ``close_timeout``,
-then close the socket; abort it if it still cannot close by then.
+Stages (SPEC §4.2, §7): ``connect(ssl=..., auth_key=...)`` gives the core a
+:class:`~msgsock.stages.Stages` (TLS through ``ssl.SSLObject`` over memory BIOs, then
+the shared-key handshake) and waits until the core says the handshake is complete.
+No ``ssl=`` transport, no ``start_tls``: the transport is always plain TCP.
 
-Authentication (SPEC §4.2, ``connect(auth_key=...)``): a small protocol object,
-:class:`_ClientAuthProtocol`, pumps the sans-I/O
-:class:`~msgsock.auth.ClientHandshake` first; once the server's proof checks out it
-swaps the framed :class:`Connection` in (``transport.set_protocol``) and hands it
-the bytes that followed the handshake, so the framed path never tests for a
-handshake on a read.  TLS comes before it (SPEC §7 order: TLS, then auth, then frames).
+Close (the Winsock graceful shutdown of the seeds): ``close()`` tells the core
+``send_eof()``; the pump flushes, half-closes when the core says ``HALF_CLOSE``,
+reads (discarding) until the peer's EOF, then closes.  The core's
+``check_timeouts(now)`` decides when that has taken too long (``limits.close_timeout``):
+a client runs it on a timer at ``next_deadline`` while closing; a server's
+connections are swept by their server.
+
+A server-side connection (a server's ``connection_handler``) is the same class given
+a :class:`ServerHooks`: its protocol comes from the server's
+:class:`~msgsock.serving.ServerProtocol`, and it tells the server when it opens and
+ends.  No module reaches into another's private members.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import ssl as ssl_module
+import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping
+from typing import Any, Protocol, cast
 
-from .._handshake import connect_timeout_error, ssl_error_text
-from .._net import format_address, set_nodelay
-from ..auth import ClientHandshake, new_nonce
-from ..exceptions import (
-    ConcurrencyError,
-    ConnectionClosed,
-    HandshakeError,
-    InvalidState,
-    ProtocolError,
-)
+from .._net import set_nodelay
+from ..exceptions import ConcurrencyError, ConnectionClosed, EndKind, HandshakeError, InvalidState, Timeout
 from ..framing import DEFAULT_FORMAT, FrameFormat
-from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
+from ..protocol import DEFAULT_LIMITS, Action, Limits, MessageProtocol, State, Statistics, format_address
+from ..proxy import ProxyInfo
+from ..stages import Stages
 
-if TYPE_CHECKING:
-    from ..proxy import ProxyInfo
-    from .server import Server
-
-__all__ = ["READ_BUFFER_SIZE", "Connection", "connect", "read_buffer"]
+__all__ = [
+    "READ_BUFFER_SIZE",
+    "Connection",
+    "ServerHooks",
+    "apply_close_action",
+    "connect",
+    "read_buffer",
+    "reset",
+    "setup_transport",
+    "transport_peer",
+    "write_chunks",
+]
 
 READ_BUFFER_SIZE = 256 * 1024
 """Bytes one read may take from the socket: many frames are parsed per read."""
 
-MESSAGE_OVERHEAD = 32
-"""Bytes charged per queued message on top of its body, so that a flood of empty
-messages is bounded too."""
+_STAGE_KINDS = frozenset({EndKind.TLS, EndKind.AUTHENTICATION})
+"""Ends that ``connect()`` reports as a :class:`~msgsock.exceptions.HandshakeError`."""
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on, 0 s: ``close()`` resets the connection (RST) instead of a FIN."""
+
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+"""Module constants: looking an enum member up on its class costs about 80 ns (Python 3.11)."""
 
 _local = threading.local()
 
@@ -77,7 +93,7 @@ def read_buffer() -> memoryview:
 
     Safe to share between connections of one event loop: asyncio and uvloop call
     ``get_buffer`` and ``buffer_updated`` back to back for one connection, and the
-    frame decoder copies the bytes it keeps before returning.
+    core copies the bytes it keeps before returning.
     """
     view: memoryview | None = getattr(_local, "view", None)
     if view is None:
@@ -85,59 +101,95 @@ def read_buffer() -> memoryview:
     return view
 
 
-def describe_tls_error(exc: BaseException) -> str:
-    """A short reason for a failed TLS handshake, for logs: OpenSSL's words, no traceback.
-
-    ``[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca`` for an
-    :class:`ssl.SSLError` (the ``(_ssl.c:NNN)`` source position dropped), the
-    verification failure for a certificate we refused (``certificate verify failed:
-    certificate has expired``), :func:`describe_os_error` for the rest.
-    """
-    if isinstance(exc, ssl_module.SSLError):
-        return ssl_error_text(exc)
-    return describe_os_error(exc)
-
-
-def feed_buffered(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
-    """Deliver ``data`` to ``protocol`` as if the transport had read it (through its buffer).
-
-    Used when a handshake stage hands over to the framed protocol: the bytes that
-    followed the handshake in the same read are the start of the frames.
-    """
-    at = 0
-    while at < len(data):
-        buf = memoryview(protocol.get_buffer(len(data) - at)).cast("B")
-        n = min(len(buf), len(data) - at)
-        buf[:n] = data[at : at + n]
-        protocol.buffer_updated(n)
-        at += n
-
-
-def setup_transport(transport: asyncio.Transport, limits: Limits) -> bool:
-    """Prepare a new connection's transport: ``TCP_NODELAY`` and the write water marks (SPEC §7).
-
-    Returns:
-        True when the transport speaks TLS.
-    """
+def setup_transport(transport: asyncio.Transport, limits: Limits) -> None:
+    """Prepare a new connection's transport: ``TCP_NODELAY`` and the write water marks (SPEC §7)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         set_nodelay(sock)
     transport.set_write_buffer_limits(high=limits.write_high_water, low=limits.write_low_water)
-    return transport.get_extra_info("sslcontext") is not None
 
 
-def describe_os_error(exc: BaseException) -> str:
-    """A short reason for a connection lost with ``exc`` (for logs and ConnectionClosed)."""
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by peer"
-    if isinstance(exc, BrokenPipeError):
-        return "broken pipe (peer closed while we were sending)"
-    if isinstance(exc, ssl_module.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def transport_peer(transport: asyncio.BaseTransport) -> Any:
+    """The peer's address of a new transport, read as early as the platform allows.
+
+    The transport's ``peername`` (asyncio records the address ``accept()`` returned);
+    else the socket's ``getpeername()``; else None, which the logs show as ``unknown
+    peer`` (a peer that reset before its address could be read).
+    """
+    peer = transport.get_extra_info("peername")
+    if peer is None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = None
+    return peer
+
+
+def write_chunks(transport: asyncio.Transport, chunks: list[bytes | bytearray | memoryview]) -> None:
+    """Write what ``data_to_send()`` returned, in one transport call."""
+    if len(chunks) == 1:
+        transport.write(chunks[0])
+    elif chunks:
+        transport.writelines(chunks)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Reset the connection now: ``SO_LINGER`` 0, then ``abort()`` (a bare ``abort()`` sends a FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:  # already reset by the peer: closing is all that is left
+            pass
+    transport.abort()
+
+
+def apply_close_action(transport: asyncio.Transport, proto: MessageProtocol) -> None:
+    """Do to ``transport`` what ``proto.close_action`` says, once everything is written (pump rule 3).
+
+    ``ABORT`` resets at once; ``HALF_CLOSE`` writes our EOF after what is buffered
+    and tells the core (``eof_written()``), which may then say ``CLOSE``; ``CLOSE``
+    closes after what is buffered.  The core's end is final in ``CLOSED``, so a close
+    that cannot flush (a peer that sent its EOF and reads nothing) is reset after
+    ``limits.close_timeout`` as a backstop.
+    """
+    while True:
+        action = proto.close_action
+        if action is None:
+            return
+        if action is Action.ABORT:
+            reset(transport)
+            return
+        if transport.is_closing():  # closed already: connection_lost follows
+            return
+        if action is Action.CLOSE:
+            transport.close()
+            if transport.get_write_buffer_size():
+                asyncio.get_running_loop().call_later(proto.limits.close_timeout, reset, transport)
+            return
+        transport.write_eof()
+        proto.eof_written()
+
+
+class ServerHooks(Protocol):
+    """How a server-side :class:`Connection` talks to its server (a small observer, STYLE §11).
+
+    :mod:`msgsock.aio.server` implements it; the connection never sees the server.
+    """
+
+    def accept(self, peer_address: Any, now: float) -> MessageProtocol:
+        """A socket was accepted from ``peer_address``: return its protocol (``ServerProtocol.accept``)."""
+        ...
+
+    def opened(self, conn: Connection) -> None:
+        """Every stage passed: the server starts serving ``conn`` (its handler)."""
+        ...
+
+    def ended(self, conn: Connection) -> None:
+        """The socket of ``conn`` is gone (its protocol's ``connection_lost`` has run)."""
+        ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -153,68 +205,59 @@ class Connection(asyncio.BufferedProtocol):
     Args:
         frame: the frame format both peers use.
         limits: limits in force (write water marks, close timeout).
+        stages: the client's TLS/authentication stages (:func:`connect` makes them).
         server: the server that accepted this connection, if any.
+        peer: the address ``accept()`` returned, where the server saw it (else the
+            transport's).
     """
+
+    _proto: MessageProtocol
 
     def __init__(
         self,
         frame: FrameFormat = DEFAULT_FORMAT,
         limits: Limits = DEFAULT_LIMITS,
         *,
-        server: Server | None = None,
+        stages: Stages | None = None,
+        server: ServerHooks | None = None,
+        peer: Any = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._proto = MessageProtocol(frame, limits=limits)
+        self._frame = frame
         self._limits = limits
+        self._stages = stages
         self._server = server
+        self._peer = peer
         self._transport: asyncio.Transport | None = None
-        self._tls = False
-        self._view = read_buffer()
-        self._time: Callable[[], float] = self._loop.time
-        self.peer: str = "?"  # formatted peer address, for logs
-        self._peer_address: Any = None
         self._local_address: Any = None
-        self._proxy_info: ProxyInfo | None = None
-        # Receiving.
-        self._messages: deque[Any] = deque()
-        self._unread = 0  # bytes charged for queued messages
-        self._read_paused = False  # paused because the application is not taking
-        self._draining = False  # closing: incoming bytes are read only to see EOF
+        self._view = read_buffer()
+        self._reading_paused = False  # what we last told the transport
+        self._messages: deque[Any] = deque()  # received, not yet taken by the application
+        self._held = False  # server side: the handler took a message and has not come back
         self._recv_waiter: asyncio.Future[None] | None = None
-        # Sending.
-        self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        # End of the connection: how it ended, recorded once.
-        self._end: tuple[bool, str, BaseException | None] | None = None
-        self._pending_error: ProtocolError | None = None  # raised once by receive()
-        self._eof = False
-        self._eof_waiter: asyncio.Future[None] | None = None
-        self._lost = False
-        self._lost_exc: BaseException | None = None
-        self._lost_future: asyncio.Future[None] = self._loop.create_future()
-        self._closing = False  # close() or abort() was called
+        self._handshake_waiter: asyncio.Future[None] | None = None
+        self._opened = False  # the handshake outcome (complete, or the end) was seen
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
         self._close_task: asyncio.Task[None] | None = None
-        # Timeouts are checked by a server's sweep (SPEC §7, MessageProtocol.check_timeouts).
-        self._closing_since: float | None = None
-        self._failed = False  # an abnormal end was reported to the server
-        self._shutdown = False  # the server is stopping
 
     # -- asyncio protocol callbacks -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the transport (not by applications)."""
-        self._setup(transport, transport.get_extra_info("peername"))
-        if self._server is not None:
-            self._server._connection_made(self)
-
-    def _setup(self, transport: asyncio.BaseTransport, peer_address: Any) -> None:
-        """Take ``transport``; ``peer_address`` is the peer to report (a proxied client's, SPEC §7)."""
         # uvloop's transports are not asyncio.Transport subclasses, only look alike.
-        self._transport = transport = cast(asyncio.Transport, transport)
-        self._peer_address = peer_address
+        self._transport = cast(asyncio.Transport, transport)
+        peer = self._peer if self._peer is not None else transport_peer(transport)
         self._local_address = transport.get_extra_info("sockname")
-        self.peer = format_address(peer_address)
-        self._tls = setup_transport(transport, self._limits)
+        setup_transport(self._transport, self._limits)
+        if self._server is not None:
+            proto = self._server.accept(peer, self._loop.time())
+        else:
+            proto = MessageProtocol(self._frame, limits=self._limits, stages=self._stages, peer_address=peer)
+        proto.pump = self
+        self._proto = proto
+        self.act()  # a client's first flight; a rejected connection's reset
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """Called by the transport (not by applications)."""
@@ -222,112 +265,130 @@ class Connection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """Called by the transport (not by applications)."""
-        if self._draining:
-            return
         proto = self._proto
-        try:
-            messages = proto.receive_data(self._view[:nbytes])
-        except ProtocolError as exc:
-            self._fail(str(exc), exc, pending=exc)
-            return
-        if not messages:
-            return
-        self._messages.extend(messages)
-        self._unread += sum(map(len, messages)) + MESSAGE_OVERHEAD * len(messages)
-        if self._unread > self._limits.write_high_water and not self._read_paused:
-            self._read_paused = True
-            assert self._transport is not None
-            self._transport.pause_reading()
-        self._wake_receiver()
-        if proto.error is not None:  # a bad header followed these messages: they stay readable
-            self._fail(str(proto.error), proto.error, pending=proto.error)
+        messages = proto.receive_data(self._view[:nbytes])
+        if messages:
+            count = len(messages)
+            self._messages.extend(messages)
+            proto.inbox_add(count, sum(map(len, messages)))
+            if self._server is not None:
+                proto.replies_owed += count  # answered when the handler comes back for more
+            self._wake_receiver()
+            if proto.reading_paused:
+                self._sync_reading()
+        if proto.stages is not None or proto.state is not _OPEN:
+            self.act()
 
     def eof_received(self) -> bool:
         """Called by the transport (not by applications)."""
-        self._eof = True
-        _wake(self._eof_waiter)
-        if not self._draining:  # else we are closing: the peer's EOF was all we waited for
-            try:
-                self._proto.receive_eof()
-            except ProtocolError as exc:
-                self._fail(str(exc), exc, abort=False)
-            else:
-                self._set_end(True, "peer closed the connection", None)
-                self._wake_receiver()
-                if not self._tls:
-                    # Keep the transport open: the peer only closed its sending side,
-                    # we may still send (half-close).  close() finishes the job.
-                    # (TLS transports close on EOF whatever we return.)
-                    return True
-        self._closing_since = self._time()
-        return False
+        self._proto.receive_eof()
+        self._wake_receiver()
+        self.act()
+        return True  # the core decides when the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Called by the transport (not by applications)."""
-        self._lost = True
-        self._lost_exc = exc
-        if exc is not None:
-            self._fail(describe_os_error(exc), exc, abort=False)
-        elif self._closing:
-            self._set_end(True, "connection closed locally", None)
-        elif self._eof:
-            self._set_end(True, "peer closed the connection", None)
-        else:
-            self._set_end(False, "connection lost", None)
-        if not self._lost_future.done():
-            self._lost_future.set_result(None)
-        _wake(self._eof_waiter)
-        _wake(self._drain_waiter)
-        self._wake_receiver()
+        self._proto.connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake_all()
         if self._server is not None:
-            self._server._connection_lost(self)
+            self._server.ended(self)
 
     def pause_writing(self) -> None:
         """Called by the transport (not by applications)."""
-        self._write_paused = True
+        self._proto.set_write_paused(True)
+        self._sync_reading()
 
     def resume_writing(self) -> None:
         """Called by the transport (not by applications)."""
-        self._write_paused = False
+        self._proto.set_write_paused(False)
+        self._sync_reading()
         _wake(self._drain_waiter)
-        self._drain_waiter = None
 
-    # -- end-of-connection bookkeeping --------------------------------------------------
+    # -- the pump -----------------------------------------------------------------------
 
-    def _set_end(self, clean: bool, reason: str, cause: BaseException | None) -> None:
-        if self._end is None:
-            self._end = (clean, reason, cause)
+    def act(self) -> None:
+        """Do what the core says now: write its output, apply its close action, (un)pause reading, wake waiters.
 
-    def _fail(
-        self,
-        reason: str,
-        cause: BaseException | None,
-        *,
-        pending: ProtocolError | None = None,
-        abort: bool = True,
-    ) -> None:
-        """Record an abnormal end (protocol error, reset, timeout) and close at once."""
-        if self._end is None:
-            self._end = (False, reason, cause)
-            self._pending_error = pending
-        self._draining = True
-        self._wake_receiver()
-        if self._server is not None and not self._failed:
-            self._failed = True
-            self._server._connection_failed(self, reason)
-        if abort and self._transport is not None and not self._lost:
-            self._transport.abort()
+        Called after every call into the core; a server calls it for the connections
+        its sweep or its shutdown changed.  Not for applications.
+        """
+        transport = self._transport
+        if transport is None or self._lost.done():
+            return
+        proto = self._proto
+        chunks = proto.data_to_send()
+        if chunks:
+            write_chunks(transport, chunks)
+        state = proto.state
+        if not self._opened and (proto.handshake_complete or state is not _OPEN):
+            self._opened = True
+            _wake(self._handshake_waiter)
+            if self._server is not None and proto.handshake_complete and state is not _CLOSED:
+                self._server.opened(self)
+        if state is not _OPEN:
+            apply_close_action(transport, proto)
+            self._wake_all()
+            if self._server is None and self._timer is None and proto.state is not _CLOSED:
+                self._check_timeouts()  # a client times its own close (a server sweeps)
+        self._sync_reading()
 
-    def _closed_error(self) -> ConnectionClosed:
-        clean, reason, cause = self._end or (False, "connection closed", None)
-        err = ConnectionClosed(clean, reason)
-        err.__cause__ = cause
-        return err
+    def _check_timeouts(self) -> None:
+        """The client's close timer: the core's check at its next deadline, while closing."""
+        self._timer = None
+        proto = self._proto
+        if proto.state is _CLOSED or self._lost.done():
+            return
+        now = self._loop.time()
+        if proto.check_timeouts(now) is not None:
+            self.act()
+            return
+        deadline = proto.next_deadline(now)
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._check_timeouts)
+
+    def _sync_reading(self) -> None:
+        paused = self._proto.reading_paused
+        if paused is self._reading_paused:
+            return
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._reading_paused = paused
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def _wake_receiver(self) -> None:
         waiter = self._recv_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        self._wake_receiver()
+        _wake(self._drain_waiter)
+        _wake(self._handshake_waiter)
+
+    async def _wait_handshake(self) -> None:
+        """Wait until the core says every stage has passed; raise how it ended otherwise."""
+        proto = self._proto
+        while not proto.handshake_complete:
+            if proto.state is not _OPEN:
+                end = proto.end
+                error = proto.closed_error()
+                if end is not None and end.kind in _STAGE_KINDS:
+                    raise HandshakeError(end.reason) from error
+                raise error
+            self._handshake_waiter = self._loop.create_future()
+            try:
+                await self._handshake_waiter
+            finally:
+                self._handshake_waiter = None
 
     # -- receiving ----------------------------------------------------------------------
 
@@ -339,28 +400,23 @@ class Connection(asyncio.BufferedProtocol):
             ``.header`` when the frame format has extra header fields.
 
         Raises:
-            ConnectionClosed: the connection ended and no message is left; ``clean``
-                is True for a graceful close at a frame boundary (peer EOF, or our
-                own ``close()``), False for a reset, a truncated frame (the
-                :class:`~msgsock.exceptions.IncompleteMessage` is the ``__cause__``)
-                or a protocol error already reported.
-            ProtocolError: the peer broke the frame format (e.g. ``MessageTooLarge``);
-                raised once, after the messages that came before it, then
-                ``ConnectionClosed``.  The connection was closed at once.
+            ConnectionClosed: the connection ended (or is ending) and no message is
+                left; ``kind`` says how (:class:`~msgsock.exceptions.EndKind`):
+                ``clean`` for the peer's EOF at a frame boundary or our own close,
+                else a reset, a truncated frame or a frame the peer should not have
+                sent (the :class:`~msgsock.exceptions.ProtocolError` is the
+                ``__cause__``).  Messages that arrived before the end are returned
+                first.
             ConcurrencyError: another task is already waiting in ``receive()``.
         """
+        if self._held:
+            self._release()
         while True:
             if self._messages:
                 return self._take()
-            if self._pending_error is not None:
-                err, self._pending_error = self._pending_error, None
-                raise err
-            if self._end is not None or self._closing or self._shutdown:
-                if self._end is None:
-                    raise ConnectionClosed(
-                        True, "server shutting down" if self._shutdown else "closed locally"
-                    )
-                raise self._closed_error()
+            proto = self._proto
+            if proto.state is not _OPEN or proto.eof_received:
+                raise proto.closed_error()
             if self._recv_waiter is not None:
                 raise ConcurrencyError("another task is already waiting in receive()")
             self._recv_waiter = self._loop.create_future()
@@ -374,26 +430,45 @@ class Connection(asyncio.BufferedProtocol):
 
         Raises:
             InvalidState: no message is ready ("no message ready"); try ``receive()``.
-            ConnectionClosed, ProtocolError: as :meth:`receive`, when the connection
-                has ended and no message is left.
+            ConnectionClosed: as :meth:`receive`, when the connection has ended and
+                no message is left.
         """
+        if self._held:
+            self._release()
         if self._messages:
             return self._take()
-        if self._pending_error is not None:
-            err, self._pending_error = self._pending_error, None
-            raise err
-        if self._end is not None:
-            raise self._closed_error()
+        proto = self._proto
+        if proto.state is not _OPEN or proto.eof_received:
+            raise proto.closed_error()
         raise InvalidState("no message ready")
 
     def _take(self) -> Any:
         message = self._messages.popleft()
-        self._unread -= len(message) + MESSAGE_OVERHEAD
-        if self._read_paused and self._unread <= self._limits.write_low_water:
-            self._read_paused = False
-            if self._transport is not None and not self._shutdown:
-                self._transport.resume_reading()
+        proto = self._proto
+        proto.inbox_take(1, len(message))
+        if self._server is not None:
+            self._held = True
+        if self._reading_paused:
+            self._sync_reading()
         return message
+
+    def _release(self) -> None:
+        """A server's handler came back for more: the message it held is answered."""
+        self._held = False
+        proto = self._proto
+        proto.replies_done()
+        if proto.state is not _OPEN:
+            self.act()  # what was owed is done: the close can go on
+
+    def _discard_unread(self) -> None:
+        """Drop the messages the application has not taken (a close or an abort)."""
+        proto = self._proto
+        if self._messages:
+            proto.inbox_take(len(self._messages), sum(map(len, self._messages)))
+            self._messages.clear()
+        if self._server is not None:
+            self._held = False
+            proto.replies_done(proto.replies_owed)
 
     def __aiter__(self) -> Connection:
         return self
@@ -403,7 +478,6 @@ class Connection(asyncio.BufferedProtocol):
 
         Raises:
             ConnectionClosed: the connection ended abnormally (``clean`` is False).
-            ProtocolError: as :meth:`receive`.
         """
         try:
             return await self.receive()
@@ -428,23 +502,19 @@ class Connection(asyncio.BufferedProtocol):
             header: values of the format's extra header fields (missing ones are 0).
 
         Raises:
-            InvalidState: after ``close()`` or ``abort()``.
-            ConnectionClosed: the connection was lost (reset, protocol error).
-            MessageTooLarge: the body is above ``max_size`` or the length field's range.
+            ConnectionClosed: the connection has ended or is closing (after
+                ``close()``, ``abort()``, a reset); ``kind`` says how.
+            OversizeMessage: the body is above ``max_size`` or the length field's range.
             InvalidFormat: unknown header fields or values out of range.
+            TypeError: ``message`` is not bytes-like.
         """
-        transport = self._transport
-        if self._closing:
-            raise InvalidState("cannot send on a closed connection")
-        if transport is None or self._lost or transport.is_closing():
-            raise self._closed_error()
         proto = self._proto
+        if proto.state is _CLOSED:
+            raise proto.closed_error()
         proto.send_message(message, header)
-        chunks = proto.data_to_send()
-        if len(chunks) == 1:
-            transport.write(chunks[0])
-        else:
-            transport.writelines(chunks)
+        transport = self._transport
+        assert transport is not None
+        write_chunks(transport, proto.data_to_send())
 
     async def send(
         self, message: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None
@@ -456,93 +526,63 @@ class Connection(asyncio.BufferedProtocol):
             header: values of the format's extra header fields (missing ones are 0).
 
         Raises:
-            InvalidState: after ``close()`` or ``abort()``.
-            ConnectionClosed: the connection was lost before the buffer drained.
-            MessageTooLarge: the body is above ``max_size`` or the length field's range.
+            ConnectionClosed: the connection has ended or is closing, or it broke
+                before the buffer drained; ``kind`` says how.
+            OversizeMessage: the body is above ``max_size`` or the length field's range.
             InvalidFormat: unknown header fields or values out of range.
+            TypeError: ``message`` is not bytes-like.
         """
         self.send_nowait(message, header)
-        while self._write_paused and not self._lost:
-            if self._drain_waiter is None or self._drain_waiter.done():
-                self._drain_waiter = self._loop.create_future()
-            await asyncio.shield(self._drain_waiter)
-        if self._lost and self._lost_exc is not None:
-            raise self._closed_error()
+        proto = self._proto
+        while proto.writing_paused and not self._lost.done():
+            waiter = self._drain_waiter
+            if waiter is None or waiter.done():
+                waiter = self._drain_waiter = self._loop.create_future()
+            await asyncio.shield(waiter)
+        end = proto.end
+        if proto.state is _CLOSED and end is not None and not end.kind.clean:
+            raise proto.closed_error()
 
     # -- closing ------------------------------------------------------------------------
 
     async def close(self, timeout: float | None = None) -> None:
         """Close gracefully: flush, half-close, wait for the peer's EOF, then close.
 
-        Messages not yet received are discarded.  Idempotent: later and concurrent
-        calls wait for the same close.  Cancelling the caller does not stop the
-        close, which is bounded by ``timeout``.
+        Messages not yet received are discarded (and so are those that still
+        arrive).  Idempotent: later and concurrent calls wait for the same close.
+        Cancelling the caller does not stop the close, which is bounded by the
+        close timeout: past it the socket is reset (``close timeout``).
 
         Args:
-            timeout: seconds to wait for the peer's EOF and for the buffer to drain
-                (default ``limits.close_timeout``); the socket is aborted after it.
+            timeout: seconds the close may take (default ``limits.close_timeout``).
         """
         if self._close_task is None:
-            self._closing = True
             self._close_task = self._loop.create_task(self._close(timeout))
         await asyncio.shield(self._close_task)
 
     async def _close(self, timeout: float | None) -> None:
-        transport = self._transport
-        if transport is None or self._lost:
+        if self._transport is None:
             return
-        if timeout is None:
-            timeout = self._limits.close_timeout
-        deadline = self._time() + timeout
-        if transport.is_closing():  # aborted, or already closing after the peer's EOF
-            await self._wait_lost(transport, deadline)
-            return
-        self._closing_since = self._time()
-        self._messages.clear()
-        self._unread = 0
-        self._draining = True  # read only to see the peer's EOF (Winsock graceful close)
-        self._wake_receiver()
-        if self._read_paused or self._shutdown:
-            self._read_paused = False
-            transport.resume_reading()
-        self._proto.send_eof()
-        if not self._eof and transport.can_write_eof():
-            try:
-                transport.write_eof()
-            except (OSError, RuntimeError):  # already broken; closing below reports nothing new
-                pass
-            else:
-                self._eof_waiter = self._loop.create_future()
-                try:
-                    await asyncio.wait_for(
-                        asyncio.shield(self._eof_waiter), max(0.0, deadline - self._time())
-                    )
-                except TimeoutError:
-                    pass
-        if not self._lost:
-            transport.close()  # flushes what is buffered first
-        await self._wait_lost(transport, deadline)
-
-    async def _wait_lost(self, transport: asyncio.Transport, deadline: float) -> None:
-        if not self._lost:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._lost_future), max(0.0, deadline - self._time()))
-            except TimeoutError:
-                transport.abort()  # the peer does not read: give up on the rest
-        await self._lost_future
+        proto = self._proto
+        if timeout is not None and proto.state is not _CLOSED:
+            # The core words and decides the close timeout: give it this one.
+            proto.limits = dataclasses.replace(proto.limits, close_timeout=timeout)
+        self._discard_unread()
+        proto.send_eof()
+        self.act()
+        await self._lost
 
     def abort(self) -> None:
-        """Close at once, discarding unsent data (the peer may see a reset)."""
-        self._closing = True
-        self._set_end(False, "connection aborted locally", None)
-        self._messages.clear()
-        self._wake_receiver()
-        if self._transport is not None and not self._lost:
-            self._transport.abort()
+        """Reset the connection at once, discarding what is unsent and unread (the peer sees a reset)."""
+        if self._transport is None:
+            return
+        self._discard_unread()
+        self._proto.abort()
+        self.act()
 
     async def wait_closed(self) -> None:
         """Wait until the connection is closed (by either side)."""
-        await asyncio.shield(self._lost_future)
+        await asyncio.shield(self._lost)
 
     async def __aenter__(self) -> Connection:
         return self
@@ -553,6 +593,11 @@ class Connection(asyncio.BufferedProtocol):
     # -- information --------------------------------------------------------------------
 
     @property
+    def protocol(self) -> MessageProtocol:
+        """The sans-I/O :class:`~msgsock.protocol.MessageProtocol` this connection pumps (its state, its end)."""
+        return self._proto
+
+    @property
     def peer_address(self) -> Any:
         """The peer's address, e.g. ``("127.0.0.1", 5555)``.
 
@@ -560,12 +605,18 @@ class Connection(asyncio.BufferedProtocol):
         socket's own peer, the proxy, for a ``LOCAL`` or ``UNKNOWN`` header); see
         :attr:`proxy_info`.
         """
-        return self._peer_address
+        return self._proto.peer_address
+
+    @property
+    def peer(self) -> str:
+        """The peer as the log lines name it (``127.0.0.1:5555``)."""
+        return self._proto.peer
 
     @property
     def proxy_info(self) -> ProxyInfo | None:
         """The PROXY header this connection began with (server with ``proxy_protocol``), else None."""
-        return self._proxy_info
+        info: ProxyInfo | None = self._proto.proxy_info
+        return info
 
     @property
     def local_address(self) -> Any:
@@ -574,121 +625,55 @@ class Connection(asyncio.BufferedProtocol):
 
     @property
     def closed(self) -> bool:
-        """True once the connection is closed or ``close()``/``abort()`` was called."""
-        return self._lost or self._closing
+        """True once the connection is closing or closed (``close()``, ``abort()``, a reset, an error)."""
+        return self._proto.state is not _OPEN
 
     @property
     def frame(self) -> FrameFormat:
         """The frame format in use."""
-        return self._proto.frame
+        return self._frame
 
     @property
     def transport(self) -> asyncio.Transport | None:
-        """The underlying transport (for ``get_extra_info``, e.g. the TLS peer certificate)."""
+        """The underlying (plain TCP) transport."""
         return self._transport
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Information about the connection, as ``asyncio.BaseTransport.get_extra_info``.
+
+        With TLS, ``ssl_object`` (the :class:`ssl.SSLObject`), ``peercert``,
+        ``cipher`` and ``sslcontext`` describe the TLS session (the transport itself
+        is plain TCP); every other name is asked of the transport (``socket``,
+        ``sockname``, ``peername``).
+        """
+        stages = self._proto.stages
+        tls: ssl_module.SSLObject | None = stages.tls if stages is not None else None
+        if tls is not None:
+            if name == "ssl_object":
+                return tls
+            if name == "peercert":
+                return tls.getpeercert()
+            if name == "cipher":
+                return tls.cipher()
+            if name == "sslcontext":
+                return tls.context
+        if self._transport is None:
+            return default
+        return self._transport.get_extra_info(name, default)
 
     def statistics(self) -> Statistics:
         """A snapshot of this connection's counters (messages and bytes, each way)."""
         return dataclasses.replace(self._proto.stats)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
-        return f"<Connection {self.peer} {state}>"
-
-    # -- server hooks -------------------------------------------------------------------
-
-    def _begin_shutdown(self) -> None:
-        """The server is stopping: finish what was received, then end the handler's loop."""
-        self._shutdown = True
-        if self._transport is not None and not self._read_paused:
-            self._transport.pause_reading()
-        self._wake_receiver()
+        if self._transport is None:
+            return "<Connection unconnected>"
+        return f"<Connection {self._proto.peer} {self._proto.state.value}>"
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
-
-
-class _ClientAuthProtocol(asyncio.BufferedProtocol):
-    """The client's authentication handshake (SPEC §4.2), before the framed :class:`Connection`.
-
-    Writes the hello at once, pumps :class:`~msgsock.auth.ClientHandshake`, and on
-    success swaps a new :class:`Connection` in on the same transport, in the read
-    that completed the handshake (so no byte after it reaches this object).
-    """
-
-    def __init__(self, key: bytes, frame: FrameFormat, limits: Limits) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._handshake = ClientHandshake(key, new_nonce())
-        self._frame = frame
-        self._limits = limits
-        self._view = read_buffer()
-        self._transport: asyncio.Transport | None = None
-        self.result: asyncio.Future[Connection] = self._loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport = cast(asyncio.Transport, transport)
-        # The hellos cross: ours goes out at once (docs/handshake.md).
-        transport.write(self._handshake.data_to_send())
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.result.done():
-            return
-        handshake = self._handshake
-        try:
-            handshake.receive_data(self._view[:nbytes])
-        except HandshakeError as exc:
-            self._failed(exc)
-            return
-        transport = self._transport
-        assert transport is not None
-        out = handshake.data_to_send()
-        if out:
-            transport.write(out)
-        if handshake.done:
-            conn = Connection(self._frame, self._limits)
-            transport.set_protocol(conn)
-            conn.connection_made(transport)
-            feed_buffered(conn, handshake.remaining)
-            self.result.set_result(conn)
-
-    def eof_received(self) -> bool:
-        if not self.result.done():
-            try:
-                self._handshake.receive_eof()
-            except HandshakeError as exc:
-                self._failed(exc)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.result.done():
-            return
-        if isinstance(exc, ssl_module.SSLError):
-            # A TLS failure after the TLS handshake (e.g. TLS 1.3: the server refused
-            # our certificate) is the real reason; report it as connect's TLS errors.
-            self.result.set_exception(exc)
-            return
-        try:
-            self._handshake.receive_eof()
-        except HandshakeError as error:
-            error.__cause__ = exc
-            self.result.set_exception(error)
-
-    def _failed(self, exc: HandshakeError) -> None:
-        self.result.set_exception(exc)
-        if self._transport is not None:
-            self._transport.abort()
-
-    def abort(self) -> None:
-        """Give up (connect timed out or was cancelled): close at once."""
-        if not self.result.done():
-            self.result.cancel()
-        if self._transport is not None:
-            self._transport.abort()
 
 
 async def connect(
@@ -709,13 +694,10 @@ async def connect(
     before this returns: the connection it returns carries frames only, and the
     server has proved it knows the key.
 
-    TLS failures are raised as the :mod:`ssl` module reports them (e.g.
-    :class:`ssl.SSLCertVerificationError`, whose ``verify_message`` says why the
-    server's certificate was refused), not wrapped.  With TLS 1.3 a server that
-    refuses *our* certificate says so only after the handshake: without
-    ``auth_key`` that shows on the first :meth:`~Connection.receive` as
-    :class:`~msgsock.exceptions.ConnectionClosed` with the TLS reason; with
-    ``auth_key`` it is raised here as the :class:`ssl.SSLError`.
+    With TLS 1.3 a server that refuses *our* certificate says so only after the
+    handshake: without ``auth_key`` that shows on the first
+    :meth:`~Connection.receive` as :class:`~msgsock.exceptions.ConnectionClosed`
+    (``kind`` ``TLS``); with ``auth_key`` it is raised here.
 
     Args:
         host: a name, a dotted IPv4 address or an IPv6 address.
@@ -738,48 +720,52 @@ async def connect(
         ConnectionRefusedError: nothing listens there.
         socket.gaierror: the name cannot be resolved.
         OSError: another network error.
-        ssl.SSLError: the TLS handshake failed (``ssl.SSLCertVerificationError``
-            when the server's certificate is not trusted or has expired).
-        HandshakeError: the authentication failed: "authentication failed: the
-            server rejected our key", "...the peer does not know the key (bad server
-            proof)", or a server that does not speak the handshake ("bad handshake
-            magic ...", "connection closed by the peer before its authentication
-            hello ...").
+        HandshakeError: the TLS or the authentication handshake failed, with the
+            core's reason: "TLS handshake failed: [SSL: CERTIFICATE_VERIFY_FAILED]
+            certificate verify failed: certificate has expired", "authentication
+            failed: the server rejected our key", "...the peer does not know the key
+            (bad server proof)", or a server that does not speak the handshake
+            ("bad handshake magic ...", "connection closed by the peer before its
+            authentication hello ...").  Its ``__cause__`` is the
+            :class:`~msgsock.exceptions.ConnectionClosed` (``kind`` ``TLS`` or
+            ``AUTHENTICATION``).
+        ConnectionClosed: the connection ended otherwise before the handshake was
+            complete.
         ValueError: ``auth_key`` is shorter than 16 bytes.
+        TypeError: ``ssl`` is not an :class:`ssl.SSLContext`, or ``auth_key`` is not bytes.
     """
     loop = asyncio.get_running_loop()
-    if auth_key is not None:
-        ClientHandshake(auth_key, new_nonce())  # a bad key fails here, before any I/O
-    opened: list[_ClientAuthProtocol] = []
+    stages: Stages | None = None
+    if ssl is not None or auth_key is not None:
+        # A bad key or context fails here, before any I/O.
+        stages = Stages(
+            server_side=False,
+            ssl_context=ssl,
+            server_hostname=server_hostname if server_hostname is not None else host,
+            auth_key=auth_key,
+        )
+    opened: list[Connection] = []
 
-    def factory() -> asyncio.BufferedProtocol:
-        if auth_key is None:
-            return Connection(frame, limits)
-        proto = _ClientAuthProtocol(auth_key, frame, limits)
-        opened.append(proto)
-        return proto
-
-    kwargs: dict[str, Any] = {}
-    if ssl is not None:
-        kwargs["ssl"] = ssl
-        kwargs["server_hostname"] = server_hostname if server_hostname is not None else host
+    def factory() -> Connection:
+        conn = Connection(frame, limits, stages=stages)
+        opened.append(conn)
+        return conn
 
     async def open_connection() -> Connection:
-        _, proto = await loop.create_connection(factory, host, port, **kwargs)
-        if isinstance(proto, Connection):
-            return proto
-        assert isinstance(proto, _ClientAuthProtocol)
-        return await proto.result
+        await loop.create_connection(factory, host, port)
+        conn = opened[-1]
+        await conn._wait_handshake()
+        return conn
 
-    where = format_address((host, port))
     try:
         return await asyncio.wait_for(open_connection(), connect_timeout)
     except TimeoutError:
-        authenticating = bool(opened) and opened[-1]._transport is not None
-        if authenticating:
+        where = format_address((host, port))
+        if opened and stages is not None:
             opened[-1].abort()
-        raise connect_timeout_error(where, connect_timeout, authenticating=authenticating) from None
+            raise Timeout(f"connecting to {where}: {stages.timeout_reason(connect_timeout or 0.0)}") from None
+        raise Timeout(f"connecting to {where} timed out after {connect_timeout:g} s") from None
     except BaseException:
-        for proto in opened:
-            proto.abort()
+        for conn in opened:
+            conn.abort()
         raise

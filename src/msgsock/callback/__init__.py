@@ -21,8 +21,12 @@
   ``on_out_of_band``, with the notification rules of Winsock's ``WSAAsyncSelect``
   (see :mod:`msgsock.callback.socket`).
 - :class:`MessageSocket`: whole framed messages, ``on_message`` and a thread-safe
-  ``send_message`` that never loses the unsent part of a write (KB Q185728); TLS
-  (``ssl=``) and shared-key authentication (``auth_key=``) pumped by the reactor.
+  ``send_message`` that never loses the unsent part of a write (KB Q185728); a pump
+  over the sans-I/O core, which runs TLS (``ssl=``), shared-key authentication
+  (``auth_key=``), flow control and the timeouts.
+- :class:`MessageServer`: the callback layer's server (a per-message handler, echo
+  by default), with the same limits, log lines, counts and graceful shutdown as the
+  asyncio and threaded servers (SPEC §5.0).
 - Dispatchers (:class:`QueueDispatcher`, :func:`direct`) deliver callbacks to
   another thread, e.g. a UI thread (KB Q192570).
 - :class:`WouldBlock`: Winsock's ``WSAEWOULDBLOCK``, a :class:`BlockingIOError`.
@@ -33,6 +37,7 @@ from __future__ import annotations
 from .dispatch import Dispatcher, QueueDispatcher, direct
 from .message import MessageSocket
 from .reactor import Reactor, TimerHandle
+from .server import MessageServer
 from .socket import (
     DATAGRAM,
     FD_ACCEPT,
@@ -62,6 +67,7 @@ __all__ = [
     "AsyncSocket",
     "Dispatcher",
     "Event",
+    "MessageServer",
     "MessageSocket",
     "QueueDispatcher",
     "Reactor",

@@ -1,84 +1,90 @@
-"""``MessageSocket``: whole messages over an :class:`AsyncSocket` (SPEC §5.3, KB Q185728).
+"""``MessageSocket``: whole messages over an :class:`AsyncSocket` (SPEC §5.0, §5.3, KB Q185728).
 
 Theory of operation.  A :class:`MessageSocket` is a pump over
-:class:`~msgsock.protocol.MessageProtocol` (STYLE §1) that runs on the reactor
-thread.  It makes the two mistakes of KB Q185728 ("MFCSocs avoids two common MFC
-socket mistakes") impossible by construction:
+:class:`~msgsock.protocol.MessageProtocol` (STYLE §1, §11) that runs on the reactor
+thread: it reads, feeds the core, writes what the core says and turns what the core
+decided into the CAsyncSocket callbacks.  It decides nothing about the connection
+itself: the stages (TLS, shared-key authentication), flow control, timeouts, how
+the connection closes and how its end is worded all come from the core.  It makes
+the two mistakes of KB Q185728 ("MFCSocs avoids two common MFC socket mistakes")
+impossible by construction:
 
 1. *Never assume one Receive is one message.*  Each read notification does exactly
    one receive (the seeds' "one Receive per OnReceive") into the reactor's shared
    buffer and feeds the bytes to the core, which returns every complete frame,
-   however the stream was split -- one byte at a time or many frames per read.  Each
-   frame becomes one :meth:`~MessageSocket.on_message` call.
+   however the stream was split.  Each frame becomes one :meth:`~MessageSocket.on_message`.
 2. *Never lose the unsent part of a Send.*  :meth:`~MessageSocket.send_message`
-   only queues the frame; the reactor writes the queue at the end of its turn (so
-   the replies of one read go out in one ``sendmsg``), keeps whatever the kernel did
-   not take, and resumes when the socket is writable again -- the ``OnSend`` of the
-   MFC samples.
+   only queues the frame in the core; at the end of its turn the reactor writes the
+   core's queue (``peek_output``/``consume_output``), leaves what the kernel did not
+   take where it is, and resumes when the socket is writable again -- the ``OnSend``
+   of the MFC samples.
 
-Backpressure (SPEC §7): while more than ``limits.write_high_water`` bytes wait to be
-written, the socket stops reading from the peer, and resumes below
-``limits.write_low_water``; a peer that does not read cannot make us buffer its
-replies without bound.
+The pump, after every read, write, timer and request (all on the reactor thread):
+write what is queued; when the core is no longer ``OPEN``, do its
+:attr:`~msgsock.protocol.MessageProtocol.close_action` (reset at once, or once
+everything is written shut down the sending side or close); once the socket is
+gone, call ``connection_lost`` and tell the application how it ended.  Reading
+stops only while the core says ``reading_paused``: an accepted (server-side) socket
+stops reading from a peer that leaves its replies unread above
+``limits.write_high_water``; a connecting (client-side) socket never stops reading
+because of what it queued itself, so a client that sends more than the water mark
+at once cannot deadlock with a server that waits for it to read (SPEC §5.0).
+Timeouts (SPEC §7): one reactor timer per socket at the core's ``next_deadline``
+calls ``check_timeouts``, so idle, message-completion, handshake and close timeouts
+end the connection as on every server.
+
+What the core decided becomes the callbacks, as WSAAsyncSelect reports them:
+
+- the peer's end of stream at a frame boundary: ``on_close(0)``, once every message
+  before it was delivered; the socket stays open for our replies until
+  :meth:`~MessageSocket.close`;
+- any other end: once the socket is closed, ``on_close(errno)`` with the core's
+  :class:`~msgsock.exceptions.ConnectionClosed` in :attr:`~AsyncSocket.error` (its
+  ``kind`` and ``reason`` say how; ``__cause__`` holds the ``OSError`` or the
+  :class:`~msgsock.exceptions.ProtocolError` behind it, when there is one).  The errno
+  follows the kind: ``EPROTO`` for a frame the peer broke, ``ETIMEDOUT`` for a
+  timeout, ``ECONNABORTED`` for a failed stage, the socket's own errno for a
+  network error;
+- nothing after the application's own ``close()`` or ``abort()``.
+
+Stages (SPEC §4.2, §7): with ``ssl`` and/or ``auth_key`` the core runs TLS (an
+:class:`ssl.SSLObject` over memory BIOs) and/or the authentication handshake first,
+within ``limits.handshake_timeout``.  A socket on which :meth:`~MessageSocket.connect`
+was called is the client side: it gets ``on_connect(0)`` only once every stage
+passed, or ``on_connect(errno)`` (``ECONNABORTED``, ``ETIMEDOUT``, the errno of a
+network error) with the end in :attr:`~AsyncSocket.error`; :attr:`~MessageSocket.handshake_stage`
+names the stage.  An accepted (or attached) socket is the server side: a failed
+stage is an ``on_close(errno)``.  Messages sent before the socket is connected wait
+in it and go to the core, in order, once it is (the core holds them until every
+stage passed); a :meth:`~MessageSocket.close` made before the stages passed is
+applied once they have, so nothing is lost by closing right after sending.
 
 Threads: :meth:`~MessageSocket.send_message`, :meth:`~MessageSocket.close` and
 :meth:`~MessageSocket.abort` may be called from any thread and never wait for the
 reactor.  Messages handed over by one thread keep their order; messages of different
-threads interleave whole.  The user-facing callbacks (``on_message``,
-``on_connect``, ``on_close``, ``on_accept``) go through the socket's dispatcher; the
-reading and writing itself always stays on the reactor thread, so a slow dispatcher
-thread delays only its own callbacks.  ``on_receive`` and ``on_send`` are used by
-the pump and are not delivered.
-
-Closing: :meth:`~MessageSocket.close` is graceful -- write everything queued, shut
-down the sending side, read (and discard) until the peer's end of stream, then close;
-``limits.close_timeout`` bounds the whole sequence, after which the connection is
-reset.  A peer that breaks the frame format closes the socket at once:
-``on_close(errno.EPROTO)``, with the :class:`~msgsock.exceptions.ProtocolError` in
-:attr:`~AsyncSocket.error`.
-
-Security (SPEC §4.2, §7): with ``ssl`` a connection speaks TLS, with ``auth_key`` it
-runs the shared-key authentication handshake (:mod:`msgsock.auth`) -- inside TLS when
-both are given, in that order, as the other layers do.  Both are pumped by the
-reactor like the frames, never blocking it: TLS is an :class:`ssl.SSLObject`
-between two :class:`ssl.MemoryBIO` objects (ciphertext read from the socket goes
-into the incoming BIO, plaintext comes out of the ``SSLObject``; frames and handshake bytes go into
-the ``SSLObject`` and the outgoing BIO's ciphertext joins the write queue).  The
-stages run as soon as the TCP connection is up, within ``limits.handshake_timeout``;
-messages queued meanwhile wait for them.  A socket on which
-:meth:`~MessageSocket.connect` was called is the client side and gets ``on_connect(0)`` only
-once every stage passed; a
-failed stage gives ``on_connect(errno.ECONNABORTED)`` with the
-:class:`ssl.SSLError` or :class:`~msgsock.exceptions.HandshakeError` in
-:attr:`~AsyncSocket.error` (``errno.ETIMEDOUT`` and a
-:class:`~msgsock.exceptions.Timeout` when the deadline passed; the errno of a
-network error), and :attr:`~MessageSocket.handshake_stage` names the stage.  An
-accepted (or attached) socket is the server side: it runs the stages quietly and
-reports a failure as ``on_close(error)`` after a warning log line ``PEER closed:
-REASON``.  A graceful close over TLS sends TLS's ``close_notify`` before the
-half-close; a peer that closes its TCP side without one is taken as a clean end of
-stream, as Python's blocking ``ssl`` sockets do (a frame cut short still shows as
-:class:`~msgsock.exceptions.IncompleteMessage`).  A plain connection (neither
-option) pays one flag test per read for all this.
+threads interleave whole.  The user-facing callbacks go through the socket's
+dispatcher; reading and writing always stay on the reactor thread, so a slow
+dispatcher thread delays only its own callbacks.  ``on_receive`` and ``on_send`` are
+used by the pump and are not delivered.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
+import os
 import socket
 import ssl as _ssl
+import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Literal, cast
+from typing import Any, Literal
 
-from .._handshake import ssl_error_text, stage_failed, stage_name, tls_failed
-from .._net import format_address, set_nodelay
-from ..auth import ClientHandshake, ServerHandshake, new_nonce
-from ..exceptions import ConnectionClosed, HandshakeError, InvalidState, ProtocolError, Timeout
+from .._net import set_nodelay
+from ..exceptions import ConnectionClosed, EndKind, InvalidState
 from ..framing import DEFAULT_FORMAT, FrameFormat
-from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, Statistics
+from ..protocol import DEFAULT_LIMITS, Action, End, Limits, MessageProtocol, State, Statistics
+from ..stages import Stage, Stages
 from .dispatch import Dispatcher
 from .reactor import Reactor, TimerHandle
 from .socket import (
@@ -96,21 +102,39 @@ from .socket import (
     _State,
 )
 
-__all__ = ["MessageSocket"]
+__all__ = ["HandshakeStage", "MessageSocket"]
 
 log = logging.getLogger("msgsock.callback")
 
-_MAX_IOV = 64
-"""Chunks per ``sendmsg`` (well under every system's IOV_MAX)."""
-
 _Chunk = bytes | bytearray | memoryview
+_CHUNK_TYPES = (bytes, bytearray, memoryview)
+
+HandshakeStage = Literal["proxy", "tls", "auth"]
+"""The stages of a connection, in the order they run (SPEC §7)."""
+
+_KIND_ERRNO = {
+    EndKind.RESET: errno.ECONNRESET,
+    EndKind.INCOMPLETE_MESSAGE: errno.EPROTO,
+    EndKind.MESSAGE_TOO_LARGE: errno.EPROTO,
+    EndKind.FRAME_ERROR: errno.EPROTO,
+    EndKind.IDLE_TIMEOUT: errno.ETIMEDOUT,
+    EndKind.MESSAGE_TIMEOUT: errno.ETIMEDOUT,
+    EndKind.HANDSHAKE_TIMEOUT: errno.ETIMEDOUT,
+    EndKind.CLOSE_TIMEOUT: errno.ETIMEDOUT,
+    EndKind.SHUTDOWN_DEADLINE: errno.ETIMEDOUT,
+    EndKind.OS_ERROR: errno.EIO,
+}
+"""The errno ``on_close``/``on_connect`` report for an end of each kind (else ``ECONNABORTED``)."""
 
 
-_NO_BIO = _ssl.MemoryBIO()
-"""Placeholder of a plain connection's BIOs (never written to), so they need no None checks."""
-
-HandshakeStage = Literal["tls", "auth"]
-"""The security stages of a connection, in the order they run (SPEC §7)."""
+def _errno_of(end: End | None, exc: BaseException | None) -> int:
+    """The Winsock-style error code of an end: 0 for a clean one, else an errno."""
+    if end is None or end.kind.clean:
+        return 0
+    for cause in (exc, end.error):
+        if isinstance(cause, OSError) and not isinstance(cause, _ssl.SSLError) and cause.errno:
+            return cause.errno
+    return _KIND_ERRNO.get(end.kind, errno.ECONNABORTED)
 
 
 def _nbytes(data: _Chunk) -> int:
@@ -132,7 +156,8 @@ class MessageSocket(AsyncSocket):
     Args:
         reactor: the reactor that owns this socket.
         frame: the frame format both peers use (SPEC §4.1).
-        limits: write water marks, ``close_timeout`` and ``handshake_timeout`` (SPEC §7).
+        limits: water marks and timeouts (SPEC §7): ``idle_timeout``,
+            ``message_timeout``, ``handshake_timeout``, ``close_timeout``.
         ssl: speak TLS with this context: a client context (``PROTOCOL_TLS_CLIENT``,
             e.g. :func:`msgsock.tls.client_context`) for a socket that connects, a
             server context for accepted ones.
@@ -145,10 +170,8 @@ class MessageSocket(AsyncSocket):
         dispatcher: where callbacks run; None uses the reactor's.
 
     Attributes:
-        protocol: the sans-I/O state of the current connection (counters in ``protocol.stats``).
-        handshake_stage: ``"tls"`` or ``"auth"`` while that stage of the current
-            connection runs, and after it failed (so a failure's stage is known);
-            None when there is no stage left.
+        protocol: the sans-I/O state of the current connection (counters in
+            ``protocol.stats``, its end in ``protocol.end``).
 
     Raises:
         ValueError: ``auth_key`` is shorter than 16 bytes.
@@ -170,33 +193,27 @@ class MessageSocket(AsyncSocket):
     ) -> None:
         if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
             raise TypeError(f"ssl must be an ssl.SSLContext, not {type(ssl).__name__}")
-        if auth_key is not None:
-            ClientHandshake(auth_key, new_nonce())  # a bad key fails here, not per connection
+        if auth_key is not None:  # a bad key fails here, not per connection
+            Stages(server_side=False, auth_key=auth_key)
             auth_key = bytes(auth_key)
         super().__init__(reactor, dispatcher=dispatcher)
         self.frame = frame
         self.limits = limits
-        self.protocol = MessageProtocol(frame, limits=limits)
         self.ssl = ssl
         self.server_hostname = server_hostname
         self._auth_key = auth_key
-        self._out: deque[_Chunk] = deque()  # taken from the protocol, not yet written
-        self._out_size = 0
-        self._want_write = False
-        self._paused = False
-        self._closing = False
-        self._shut_wr = False
-        # Security state of the current connection (reset by _setup).
-        self.handshake_stage: HandshakeStage | None = None
-        self._client_side = False  # connect() was called: on_connect waits for the stages
+        self.protocol = MessageProtocol(frame, limits=limits)
         self._host = ""  # connect()'s host: the default server_hostname
-        self._secure = False  # reads and writes go through the TLS or handshake pump
-        self._handshaking = False
-        self._tls: _ssl.SSLObject | None = None
-        self._tls_in = self._tls_out = _NO_BIO
-        self._tls_shut = False  # our close_notify is queued
-        self._auth: ClientHandshake | ServerHandshake | None = None
-        self._handshake_timer: TimerHandle | None = None
+        self._client_side = False  # connect() was called: the client side of the stages
+        self._early: deque[tuple[_Chunk, Mapping[str, int] | None]] = deque()  # sent before connected
+        self._ready = False  # every stage passed (or failed): on_connect is reported, close() can begin
+        self._close_requested = False  # close() before that: applied once ready
+        self._held: deque[_Chunk] = deque()  # wire bytes the core returned (server replies)
+        self._held_size = 0
+        self._write_paused = False  # what we told the core with set_write_paused()
+        self._want_write = False  # the kernel took less than offered: wait for writable
+        self._timer: TimerHandle | None = None
+        self._timer_for: State | None = None  # the core state the timer was armed in
 
     # -- callbacks ------------------------------------------------------------------------
 
@@ -213,25 +230,28 @@ class MessageSocket(AsyncSocket):
         The bytes the kernel does not take at once are kept and written as it makes
         room.  A ``bytearray`` or ``memoryview`` is not copied: do not change it until
         it has been sent (pass ``bytes`` when in doubt).  May be called as soon as
-        :meth:`connect` was called; the message goes out once connected.
+        :meth:`connect` was called; the message goes out once connected (and every
+        stage passed).
 
         Args:
             message: the body; a :class:`~msgsock.framing.Message` brings its header.
             header: values of the frame's extra header fields.
 
         Raises:
-            MessageTooLarge: the body is above the frame's ``max_size``.
+            OversizeMessage: the body is above the frame's ``max_size``.
             InvalidFormat: bad header fields.
             InvalidState: the socket was closed (or never created), or is listening.
-            ConnectionClosed: the connection failed or broke the protocol.
+            ConnectionClosed: the connection has ended; ``kind`` says how.
+            TypeError: ``message`` is not bytes-like.
         """
+        if not isinstance(message, _CHUNK_TYPES):
+            raise TypeError(f"a message is bytes, bytearray or memoryview, not {type(message).__name__}")
         self._check_can_send()
         reactor = self.reactor
         if reactor._inline():
-            self.protocol.send_message(message, header)
-            self._mark_dirty()
+            self._queue_message(message, header)
             return
-        # Check the message here so the caller gets MessageTooLarge, not a log line.
+        # Check the message here so the caller gets OversizeMessage, not a log line.
         self.frame.encode_parts(message, header)
         if not reactor._call_soon_quiet(self._send_handed_off, message, header):
             raise InvalidState(f"{reactor!r} is stopped")
@@ -239,26 +259,33 @@ class MessageSocket(AsyncSocket):
     def _check_can_send(self, *, caller: bool = True) -> None:
         # The caller's view includes close() already called from its thread; the
         # reactor's does not, since a message handed over before close() must go out
-        # (the handoffs run in order, so _begin_close comes after it).
-        closed = self._app_closed if caller else False
-        if closed or self._closing or self._state in (_State.EMPTY, _State.CLOSED):
-            if self._broken or self.error is not None:
-                raise ConnectionClosed(False, f"{self!r} failed: {self.error}")
-            raise InvalidState(f"cannot send on {self!r}: it is closed")
-        if self._broken or self._state is _State.FAILED:
-            raise ConnectionClosed(False, f"{self!r} failed: {self.error}")
-        if self._state is _State.LISTENING:
+        # (the handoffs run in order, so the close comes after it).
+        state = self._state
+        if state is _State.LISTENING:
             raise InvalidState(f"cannot send on listening {self!r}")
+        proto = self.protocol
+        if (
+            (caller and self._app_closed)
+            or state is _State.EMPTY
+            or (state is _State.CLOSED and proto.end is None)
+        ):
+            raise InvalidState(f"cannot send on {self!r}: it is closed")
+        if proto.state is not State.OPEN:
+            raise proto.closed_error()
 
-    def _send_handed_off(
-        self, message: bytes | bytearray | memoryview, header: Mapping[str, int] | None
-    ) -> None:
+    def _send_handed_off(self, message: _Chunk, header: Mapping[str, int] | None) -> None:
         try:
             self._check_can_send(caller=False)
+            self._queue_message(message, header)
         except (InvalidState, ConnectionClosed):
-            log.debug("%r: dropping a message handed over after the socket closed", self)
-            return
-        self.protocol.send_message(message, header)
+            log.debug("%r: dropping a message handed over after the connection ended", self)
+
+    def _queue_message(self, message: _Chunk, header: Mapping[str, int] | None) -> None:
+        if self._state is _State.OPEN:
+            self.protocol.send_message(message, header)  # held by the core until the stages pass
+        else:
+            self.frame.encode_parts(message, header)  # fails now, not when it is replayed
+            self._early.append((message, header))
         self._mark_dirty()
 
     # The raw data calls would interleave bytes with the frames: not on a MessageSocket.
@@ -297,16 +324,30 @@ class MessageSocket(AsyncSocket):
         self._client_side = True
         self._host = host
 
+    # -- information ------------------------------------------------------------------------
+
+    @property
+    def handshake_stage(self) -> HandshakeStage | None:
+        """The stage of the current connection that runs now (``"tls"``, ``"auth"``; ``"proxy"``
+        on a server), or the one that failed; None once every stage passed (or without any)."""
+        stages = self.protocol.stages
+        if stages is None or stages.stage is Stage.DONE:
+            return None
+        stage: HandshakeStage = stages.stage.value
+        return stage
+
     @property
     def ssl_object(self) -> _ssl.SSLObject | None:
         """The TLS session of the current connection (``version()``, ``cipher()``,
         ``getpeercert()``), or None without TLS; complete once ``on_connect(0)`` fired."""
-        return self._tls
+        stages = self.protocol.stages
+        return stages.tls if stages is not None else None
 
     @property
     def outgoing_size(self) -> int:
         """Bytes queued and not yet taken by the kernel."""
-        return self._out_size + self.protocol.outgoing_size
+        early = sum(_nbytes(m) for m, _ in self._early)
+        return self._held_size + self.protocol.outgoing_size + early
 
     def statistics(self) -> Statistics:
         """Messages and bytes sent and received on the current connection."""
@@ -319,9 +360,10 @@ class MessageSocket(AsyncSocket):
 
         Callable from any thread; returns at once (:meth:`~AsyncSocket.wait_closed`
         waits).  No callback runs after it.  Over TLS the last frame is followed by
-        TLS's ``close_notify``; a connection still in its TLS or authentication
-        handshake finishes it first, so the queued messages go out.  Bounded by
-        ``limits.close_timeout``, after which the connection is reset.
+        TLS's ``close_notify``; a connection still connecting or in its stages
+        finishes them first, so the queued messages go out.  Bounded by
+        ``limits.close_timeout`` (and ``handshake_timeout``), after which the
+        connection is reset.
         """
         self._app_closed = True
         self._run_or_queue(self._begin_close)
@@ -330,25 +372,36 @@ class MessageSocket(AsyncSocket):
         if self._sock is None:
             self._closed_event.set()
             return
-        if self._closing:
-            return
-        if self._state not in (_State.OPEN, _State.CONNECTING) or self._broken:
+        state = self._state
+        if state is _State.OPEN and self._ready:
+            self.protocol.send_eof()
+            self._mark_dirty()
+        elif state is _State.OPEN or state is _State.CONNECTING:
+            self._close_requested = True  # once connected and through the stages
+        else:
             self._close_now()
-            return
-        # Still connecting: the queued messages go out once connected, then the close.
-        self._closing = True
-        self.protocol.send_eof()
-        self._timers.append(self.reactor.call_later(self.limits.close_timeout, self._close_timed_out))
-        self._mark_dirty()
+
+    def abort(self) -> None:
+        """Reset the connection (``SO_LINGER`` 0, then close): the peer sees ``ECONNRESET``.
+
+        Callable from any thread, like :meth:`close`; nothing queued is sent.
+        """
+        self._app_closed = True
+        self._run_or_queue(self._begin_abort)
+
+    def _begin_abort(self) -> None:
+        if self._sock is not None and self._state is _State.OPEN:
+            self.protocol.abort()
+        self._abort_now()
 
     def _connect_failed(self, err: int) -> None:
+        connecting = self._state is _State.CONNECTING
         super()._connect_failed(err)
-        if self._closing and self._state is _State.FAILED:
-            self._close_now()  # close() was called while connecting: nothing left to flush
-
-    def _close_timed_out(self) -> None:
-        log.info("%r: graceful close timed out after %s s; resetting", self, self.limits.close_timeout)
-        self._abort_now()
+        if connecting and self._state is _State.FAILED:
+            # No connection: its (never started) protocol ends with the connect error.
+            self.protocol.connection_lost(OSError(err, os.strerror(err)))
+            if self._close_requested:
+                self._close_now()  # close() was called while connecting: nothing left to flush
 
     def detach(self) -> socket.socket:
         """Hand the socket over, like :meth:`AsyncSocket.detach`.
@@ -356,58 +409,120 @@ class MessageSocket(AsyncSocket):
         Raises:
             InvalidState: no socket, or bytes would be lost: a message is still queued
                 for sending, part of a frame was received, or the connection speaks
-                TLS (or is still in its authentication handshake).
+                TLS (or is still in its stages).
         """
         return self.reactor.run_sync(self._detach_checked)
 
     def _detach_checked(self) -> socket.socket:
         # On the reactor thread, so the check and the detach see the same state.
-        if self.outgoing_size or self.protocol.in_frame:
+        proto = self.protocol
+        if self.outgoing_size or proto.in_frame:
             raise InvalidState(f"cannot detach {self!r}: unsent or partly received data would be lost")
-        if self._secure:  # the TLS session (or the handshake) lives here, not in the socket
+        stages = proto.stages
+        if stages is not None and (stages.encrypted or not stages.done):
             raise InvalidState(f"cannot detach {self!r}: its TLS session or handshake would be lost")
         return AsyncSocket.detach(self)
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- internals: the connection's protocol ---------------------------------------------------
 
-    def _setup(self, sock: socket.socket, state: _State) -> None:
+    def _setup(self, sock: socket.socket, state: _State, peer: Any = None) -> None:
         if SocketKind(sock.type) == DATAGRAM:
             sock.close()
             raise ValueError("a MessageSocket needs a stream socket")
-        self.protocol = MessageProtocol(self.frame, limits=self.limits)
-        self._out.clear()
-        self._out_size = 0
-        self._want_write = self._paused = self._closing = self._shut_wr = False
-        self.handshake_stage = None
-        self._client_side = self._secure = self._handshaking = self._tls_shut = False
-        self._tls = None
-        self._tls_in = self._tls_out = _NO_BIO
-        self._auth = None
-        self._handshake_timer = None
-        super()._setup(sock, state)
+        self.protocol = MessageProtocol(self.frame, limits=self.limits)  # until connected
+        self._client_side = self._ready = self._close_requested = False
+        self._early.clear()
+        self._held.clear()
+        self._held_size = 0
+        self._write_paused = self._want_write = False
+        self._timer = None
+        self._timer_for = None
+        super()._setup(sock, state, peer)
+
+    def _new_protocol(self) -> MessageProtocol:
+        """The protocol of a connection that just opened (a hook: the server's connections override it)."""
+        stages = None
+        if self.ssl is not None or self._auth_key is not None:
+            hostname = None
+            if self._client_side and self.ssl is not None:
+                hostname = self.server_hostname if self.server_hostname is not None else self._host
+            stages = Stages(
+                server_side=not self._client_side,
+                ssl_context=self.ssl,
+                server_hostname=hostname,
+                auth_key=self._auth_key,
+            )
+        return MessageProtocol(
+            self.frame,
+            limits=self.limits,
+            server_side=not self._client_side,
+            stages=stages,
+            peer_address=self._peer,
+        )
 
     def _opened(self) -> None:
         assert self._sock is not None
         set_nodelay(self._sock)  # whole frames are written at once; batching is ours (SPEC §5.1)
-        if self.ssl is not None or self._auth_key is not None:
-            self._start_security()
+        proto = self._new_protocol()
+        proto.pump = self
+        self.protocol = proto
+        proto.check_timeouts(time.monotonic())
+        for message, header in self._early:
+            proto.send_message(message, header)
+        self._early.clear()
+        if proto.handshake_complete:
+            self._become_ready(notify=False)  # _finish_connect() reports on_connect(0) itself
+
+    def _become_ready(self, *, notify: bool) -> None:
+        """Connected and every stage passed: do the close that waited, report the connect."""
+        self._ready = True
+        if self._close_requested:
+            self.protocol.send_eof()
+        if notify and self._client_side:
+            AsyncSocket._connect_done(self, 0)
+        self._mark_dirty()
+
+    def _connect_done(self, err: int) -> None:
+        if not err and not self._ready:
+            return  # on_connect(0) waits for the TLS and authentication stages
+        super()._connect_done(err)
 
     def _notify_send(self) -> None:
         self._mark_dirty()  # connected: flush what was queued before (no user on_send)
 
-    def _connect_done(self, err: int) -> None:
-        if not err and self._handshaking:
-            return  # on_connect(0) waits for the TLS and authentication stages
-        super()._connect_done(err)
+    def _received(self, data: memoryview) -> None:
+        """Bytes read: feed the core, deliver the messages (a hook: servers reply instead)."""
+        proto = self.protocol
+        messages = proto.receive_data(data)
+        if not self._ready and proto.handshake_complete:
+            self._become_ready(notify=True)  # on_connect(0) before the first message
+        on_message = self.on_message
+        for message in messages:
+            self._deliver(on_message, message)
+
+    def _hold(self, data: bytes) -> None:
+        """Queue wire bytes the core returned (a server's replies), after what the core holds."""
+        held = self._held
+        for chunk in self.protocol.data_to_send():
+            held.append(chunk)
+            self._held_size += _nbytes(chunk)
+        held.append(data)
+        self._held_size += len(data)
+        if not self._write_paused and self._held_size > self.limits.write_high_water:
+            self._write_paused = True
+            self.protocol.set_write_paused(True)
+
+    # -- internals: the pump (reactor thread) ---------------------------------------------------
 
     def _wanted_events(self) -> int:
         if self._state is not _State.OPEN:
             return super()._wanted_events()
-        if self._broken:
-            return 0
         want = 0
+        proto = self.protocol
         if not self._eof_seen and (
-            self._closing or (not self._paused and self._events & FD_READ) or self._handshaking
+            proto.state is not State.OPEN
+            or not proto.handshake_complete
+            or (self._events & FD_READ and not proto.reading_paused)
         ):
             want |= _EVENT_READ
         if self._want_write:
@@ -415,74 +530,90 @@ class MessageSocket(AsyncSocket):
         return want
 
     def _sync(self) -> None:
-        if self._sock is not None and self._state is _State.OPEN and not self._broken:
-            self._flush()
+        if self._sock is not None and self._state is _State.OPEN:
+            self._pump()
         super()._sync()
 
     def _writable(self) -> None:
-        self._flush()
+        self._pump()
         self._mark_dirty()
 
-    def _flush(self) -> None:
+    def _pump(self) -> None:
+        """Write what is queued and do what the core says about closing."""
+        proto = self.protocol
+        if proto.close_action is Action.ABORT:
+            self._abort_now()
+            self._ended(None)
+            return
+        if not self._flush():
+            return
+        state = proto.state
+        if state is State.OPEN:
+            if proto.eof_received and not self._close_notified:
+                self._notify_close(0)  # the peer's FIN, after every message before it
+        elif not self._want_write:  # everything is written
+            action = proto.close_action
+            if action is Action.HALF_CLOSE:
+                assert self._sock is not None
+                try:
+                    self._sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    self._lost(exc)
+                    return
+                proto.eof_written()
+                action = proto.close_action
+            if action is Action.CLOSE:
+                self._close_now()
+                self._ended(None)
+                return
+        if proto.state is not self._timer_for:
+            self._arm_timer()
+
+    def _flush(self) -> bool:
+        """Write the held bytes, then the core's queue, as far as the kernel takes them.
+
+        Returns False when the socket failed (and is closed now).
+        """
         sock = self._sock
         assert sock is not None
-        protocol = self.protocol
-        out = self._out
-        if self._secure:
-            self._fill_secure()
-        elif protocol.outgoing_size:
-            for chunk in protocol.data_to_send():
-                out.append(chunk)
-                self._out_size += _nbytes(chunk)
-        while out:
-            try:
-                if len(out) == 1:
-                    offered = _nbytes(out[0])
-                    sent = sock.send(out[0])
-                else:
-                    chunks = list(itertools.islice(out, _MAX_IOV))
-                    offered = sum(_nbytes(c) for c in chunks)
-                    sent = sock.sendmsg(chunks)
-            except BlockingIOError:
-                sent = offered = -1
-            except OSError as exc:
-                self._fail(exc)
-                return
-            if sent > 0:
-                self._consume(sent)
-            if sent < offered:
-                self._want_write = True  # resume in the write notification (the MFC OnSend)
-                break
-        else:
-            self._want_write = False
-            if self._closing and not self._shut_wr and not self._handshaking:
-                self._shut_wr = True
-                try:
-                    sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    self._close_now()
-                    return
-                if self._eof_seen:
-                    self._close_now()
-                    return
-        size = self._out_size
-        if self._paused:
-            self._paused = size > self.limits.write_low_water
-        else:
-            self._paused = size > self.limits.write_high_water
-
-    def _consume(self, n: int) -> None:
-        out = self._out
-        self._out_size -= n
-        while n:
-            chunk = out[0]
+        proto = self.protocol
+        held = self._held
+        while True:
+            chunk = held[0] if held else proto.peek_output()
             size = _nbytes(chunk)
+            if not size:
+                break
+            try:
+                sent = sock.send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(exc)
+                return False
+            if held:
+                self._consume_held(sent)
+            else:
+                proto.consume_output(sent)
+            if sent < size:
+                self._want_write = True  # resume in the write notification (the MFC OnSend)
+                return True
+        self._want_write = False
+        return True
+
+    def _consume_held(self, n: int) -> None:
+        held = self._held
+        self._held_size -= n
+        while n:
+            size = _nbytes(held[0])
             if n >= size:
-                out.popleft()
+                held.popleft()
                 n -= size
             else:
-                out[0] = memoryview(chunk).cast("B")[n:]
+                held[0] = memoryview(held[0])[n:]
                 n = 0
+        if self._write_paused and self._held_size <= self.limits.write_low_water:
+            self._write_paused = False
+            self.protocol.set_write_paused(False)
 
     def _readable_stream(self) -> None:
         if self._eof_seen:
@@ -495,325 +626,59 @@ class MessageSocket(AsyncSocket):
         except BlockingIOError:
             return
         except OSError as exc:
-            self._fail(exc)
+            self._lost(exc)
             return
-        if not n:
-            self._eof()
-            return
-        if self._secure:  # TLS, or the authentication handshake still running
-            self._received_secure(buffer[:n])
-            return
-        if self._closing:
-            return  # closing: read only to see the peer's EOF
-        try:
-            messages = self.protocol.receive_data(buffer[:n])
-        except ProtocolError as exc:
-            self._protocol_failed(exc)
-            return
-        for message in messages:
-            self._deliver(self.on_message, message)
-        if self.protocol.error is not None:  # a bad header followed those messages
-            self._protocol_failed(self.protocol.error)
-
-    def _eof(self) -> None:
-        if self._handshaking:
+        if n:
+            self._received(buffer[:n])
+        else:
             self._eof_seen = True
-            self._handshake_eof()
-            return
-        self._eof_seen = True
-        self._mark_dirty()
-        if self._closing:
-            if self._shut_wr:
-                self._close_now()
-            return
-        try:
             self.protocol.receive_eof()
-        except ProtocolError as exc:  # IncompleteMessage: the stream ended mid-frame
-            self._protocol_failed(exc)
-            return
-        self._notify_close(0)
+        self._mark_dirty()
 
-    def _protocol_failed(self, exc: ProtocolError) -> None:
-        log.warning("%s: %s; closing the connection", format_address(self._peer), exc)
-        self.error = exc
-        self._broken = True
-        self._close_now()
-        self._notify_close(errno.EPROTO)
+    def _arm_timer(self) -> None:
+        """Run ``check_timeouts`` at the core's next deadline (a hook: a server sweeps instead)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        proto = self.protocol
+        self._timer_for = proto.state
+        now = time.monotonic()
+        when = proto.next_deadline(now)
+        if when is not None:
+            self._timer = self.reactor.call_later(when - now, self._timer_fired)
 
-    def _fail(self, exc: OSError) -> None:
-        if self._handshaking:
-            self._handshake_lost(exc)
-            return
-        if not self._closing:
-            log.info("%s: %s; closing the connection", format_address(self._peer), exc)
-        self.error = exc
-        self._broken = True
-        self._close_now()
-        self._notify_close(exc.errno or errno.EIO)
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._timer_for = None  # re-armed by the pump
+        if self._sock is not None:
+            self.protocol.check_timeouts(time.monotonic())
+            self._mark_dirty()
 
-    # -- internals: TLS and the authentication handshake (SPEC §4.2, §7) ---------------------
+    def _lost(self, exc: OSError) -> None:
+        """The socket failed: close it and report the end (the core words it)."""
+        self._close_now(exc)
+        self._ended(exc)
 
-    def _start_security(self) -> None:
-        """The TCP connection is up: start the first stage (TLS, else authentication)."""
-        self._secure = self._handshaking = True
-        timeout = self.limits.handshake_timeout
-        if timeout is not None:
-            self._handshake_timer = self.reactor.call_later(timeout, self._handshake_timed_out)
-            self._timers.append(self._handshake_timer)
-        try:
-            if self.ssl is not None:
-                self.handshake_stage = "tls"
-                self._tls_in = _ssl.MemoryBIO()
-                self._tls_out = _ssl.MemoryBIO()
-                hostname = None
-                if self._client_side:
-                    hostname = self.server_hostname if self.server_hostname is not None else self._host
-                self._tls = self.ssl.wrap_bio(
-                    self._tls_in, self._tls_out, server_side=not self._client_side, server_hostname=hostname
-                )
-                self._tls_step()  # the client's hello goes out at once
-            else:
-                self._start_auth()
-        except (_ssl.SSLError, ValueError) as exc:
-            # Not from inside _opened() (a connect or an accept is still being set up):
-            # at the next turn, with _handshaking still holding back on_connect(0).
-            self.reactor._call_soon_quiet(self._handshake_failed, errno.ECONNABORTED, exc)
+    def _close_now(self, exc: BaseException | None = None) -> None:
+        connected = self._sock is not None and self._state is _State.OPEN
+        super()._close_now()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if connected:
+            self.protocol.connection_lost(exc)
 
-    def _start_auth(self) -> None:
-        self.handshake_stage = "auth"
-        key = self._auth_key
-        assert key is not None
-        handshake: ClientHandshake | ServerHandshake
-        if self._client_side:
-            handshake = ClientHandshake(key, new_nonce())
-        else:
-            handshake = ServerHandshake(key, new_nonce())
-        self._auth = handshake
-        self._send_raw(handshake.data_to_send())  # the hellos cross (docs/handshake.md)
+    def _ended(self, exc: BaseException | None) -> None:
+        """The socket is gone by the core's decision: tell the application how it ended (once).
 
-    def _tls_step(self) -> None:
-        """Advance the TLS handshake; on completion start authentication or finish.
-
-        Raises:
-            ssl.SSLError: the handshake failed (a certificate refused, an alert).
+        A hook: the server's connections tell their server instead.
         """
-        assert self._tls is not None
-        try:
-            self._tls.do_handshake()
-        except _ssl.SSLWantReadError:
-            self._mark_dirty()  # what it wrote to the outgoing BIO goes out this turn
-            return
-        self._mark_dirty()
-        if self._auth_key is not None:
-            self._start_auth()
-        else:
-            self._handshake_complete()
-
-    def _send_raw(self, data: bytes) -> None:
-        """Queue handshake bytes (through TLS when it is on)."""
-        if not data:
-            return
-        if self._tls is not None:
-            self._tls.write(data)  # into the outgoing memory BIO: never blocks
-        else:
-            self._out.append(data)
-            self._out_size += len(data)
-        self._mark_dirty()
-
-    def _handshake_complete(self) -> None:
-        self._handshaking = False
-        self.handshake_stage = None
-        if self._tls is None:
-            self._secure = False  # authenticated plain TCP: the plain pump from here on
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-        self._mark_dirty()  # the messages queued meanwhile can go now
-        if self._client_side:
-            AsyncSocket._connect_done(self, 0)
-
-    def _fill_secure(self) -> None:
-        """Move what is to be sent into the write queue, through TLS when it is on."""
-        protocol = self.protocol
-        out = self._out
-        tls = self._tls
-        if not self._handshaking and protocol.outgoing_size:
-            if tls is None:
-                for chunk in protocol.data_to_send():
-                    out.append(chunk)
-                    self._out_size += _nbytes(chunk)
-            else:
-                for chunk in protocol.data_to_send():
-                    view = memoryview(chunk).cast("B")
-                    while view:  # SSLObject.write may take part of it (one call per record)
-                        view = view[tls.write(view) :]
-        if tls is None:
-            return
-        if self._closing and not self._handshaking and not self._tls_shut:
-            # The graceful close sends TLS's close_notify after the last frame; the
-            # peer's close_notify is not waited for (its EOF is, as in plain TCP).
-            self._tls_shut = True
-            try:
-                tls.unwrap()
-            except _ssl.SSLError:  # SSLWantReadError: ours is written, the peer's not here
-                pass
-        if self._tls_out.pending:
-            data = self._tls_out.read()
-            out.append(data)
-            self._out_size += len(data)
-
-    def _received_secure(self, data: memoryview) -> None:
-        """Bytes read on a TLS connection, or during the authentication handshake."""
-        tls = self._tls
-        if tls is None:
-            self._plaintext(data)  # authentication over plain TCP
-            return
-        if self._closing and not self._handshaking:
-            return  # closing: read only to see the peer's EOF
-        self._tls_in.write(data)
-        try:
-            if self.handshake_stage == "tls":
-                self._tls_step()
-                if self.handshake_stage == "tls":
-                    return
-            # The ciphertext was copied into the BIO: the read buffer is free for plaintext.
-            buffer = self.reactor._get_read_buffer()
-            size = len(buffer)
-            while self._sock is not None and not self._broken:
-                try:
-                    # Into the buffer, so it returns the count (typeshed says bytes).
-                    n = cast(int, tls.read(size, buffer))
-                except _ssl.SSLWantReadError:
-                    break
-                except _ssl.SSLZeroReturnError:
-                    n = 0
-                if not n:  # the peer's close_notify: its end of stream
-                    self._eof()
-                    return
-                self._plaintext(buffer[:n])
-        except _ssl.SSLError as exc:
-            self._tls_error(exc)
-            return
-        if self._tls_out.pending:
-            self._mark_dirty()  # e.g. a key update to answer
-
-    def _plaintext(self, data: memoryview | bytes) -> None:
-        """Application-layer bytes: the authentication handshake's, then frames."""
-        auth = self._auth
-        if auth is not None and not auth.done:
-            try:
-                auth.receive_data(data)
-            except HandshakeError as exc:
-                self._send_raw(auth.data_to_send())  # the server's rejection byte
-                self._handshake_failed(errno.ECONNABORTED, exc)
-                return
-            self._send_raw(auth.data_to_send())
-            if not auth.done:
-                return
-            data = auth.remaining
-            self._auth = None
-            self._handshake_complete()
-            if not data or self._sock is None:
-                return
-        if self._closing:
-            return
-        try:
-            messages = self.protocol.receive_data(data)
-        except ProtocolError as exc:
-            self._protocol_failed(exc)
-            return
-        for message in messages:
-            self._deliver(self.on_message, message)
-        if self.protocol.error is not None:  # a bad header followed those messages
-            self._protocol_failed(self.protocol.error)
-
-    def _tls_error(self, exc: _ssl.SSLError) -> None:
-        if self._handshaking:
-            self._handshake_failed(errno.ECONNABORTED, exc)
-            return
-        # After the handshake: a record that fails its check, an alert from the peer.
-        if not self._closing:
-            log.info(
-                "%s: TLS error: %s; closing the connection", format_address(self._peer), ssl_error_text(exc)
-            )
-        self.error = exc
-        self._broken = True
-        self._close_now()
-        self._notify_close(errno.ECONNABORTED)
-
-    def _handshake_eof(self) -> None:
-        """The peer closed during a stage: let that stage say what it was waiting for."""
-        exc: Exception = ConnectionAbortedError(errno.ECONNABORTED, "connection closed by the peer")
-        if self._auth is not None:
-            try:
-                self._auth.receive_eof()
-            except HandshakeError as error:
-                exc = error
-        elif self._tls is not None:
-            self._tls_in.write_eof()
-            try:
-                self._tls.do_handshake()
-            except _ssl.SSLError as error:  # SSLEOFError, or an alert read just before
-                exc = error
-        self._handshake_failed(errno.ECONNABORTED, exc)
-
-    def _handshake_lost(self, exc: OSError) -> None:
-        """A network error during a stage (e.g. a reset)."""
-        if self._auth is not None and isinstance(
-            exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError
-        ):
-            # A server without a key resets on our hello: say what the handshake waited
-            # for, as the blocking client does.
-            try:
-                self._auth.receive_eof()
-            except HandshakeError as error:
-                error.__cause__ = exc
-                self._handshake_failed(errno.ECONNABORTED, error)
-                return
-        self._handshake_failed(exc.errno or errno.EIO, exc)
-
-    def _handshake_timed_out(self) -> None:
-        if not self._handshaking or self._sock is None:
-            return
-        timeout = self.limits.handshake_timeout or 0.0
-        stage = stage_name(self.handshake_stage or "")
-        self._handshake_failed(errno.ETIMEDOUT, Timeout(f"{stage} did not complete within {timeout:g} s"))
-
-    def _handshake_failed(self, err: int, exc: BaseException) -> None:
-        """A stage failed: close, then ``on_connect(err)`` (client) or ``on_close(err)`` (server)."""
-        if not self._handshaking or self._sock is None:
-            return
-        self._handshaking = False
-        self._handshake_timer = None
-        self.error = exc
-        self._broken = True
-        self._send_now()  # a TLS alert or the rejection byte tells the peer why
-        if isinstance(exc, _ssl.SSLError):
-            reason = tls_failed(ssl_error_text(exc))
-        elif isinstance(exc, OSError) and exc.strerror:
-            reason = stage_failed(exc.strerror, self.handshake_stage or "")
-        else:
-            reason = str(exc)
-        if self._client_side:
-            log.info("%s: %s; closing the connection", format_address(self._peer), reason)
-        elif not self._app_closed:
-            log.warning("%s closed: %s", format_address(self._peer), reason)
-        self._close_now()
-        if self._client_side:
-            AsyncSocket._connect_done(self, err)
+        end = self.protocol.end
+        err = _errno_of(end, exc)
+        if err and end is not None:
+            self.error = end.exception()
+        if self._client_side and not self._ready:
+            self._ready = True  # on_connect is reported once
+            AsyncSocket._connect_done(self, err or errno.ECONNABORTED)
         else:
             self._notify_close(err)
-
-    def _send_now(self) -> None:
-        """Write what is queued, as far as the kernel takes it at once (before closing)."""
-        sock = self._sock
-        if sock is None:
-            return
-        if self._tls_out.pending:
-            self._out.append(self._tls_out.read())
-        for chunk in self._out:
-            try:
-                if sock.send(chunk) < _nbytes(chunk):
-                    return
-            except OSError:
-                return

@@ -74,8 +74,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from .._net import format_address
 from ..exceptions import InvalidState
+from ..protocol import format_address
 from .dispatch import Dispatcher
 from .reactor import Reactor, TimerHandle
 
@@ -212,8 +212,9 @@ class AsyncSocket:
 
     Attributes:
         error: the exception that ended the socket, if one did: an ``OSError`` from
-            the connection, the ``ProtocolError`` of a
-            :class:`~msgsock.callback.MessageSocket`, or an exception a callback raised.
+            the connection, or an exception a callback raised; on a
+            :class:`~msgsock.callback.MessageSocket`, the core's
+            :class:`~msgsock.exceptions.ConnectionClosed` (its ``kind`` says how).
     """
 
     _default_events = FD_ALL
@@ -357,8 +358,7 @@ class AsyncSocket:
         if peer is not None:
             # Accepted: connected even if the peer already reset it (getpeername would
             # then fail with ENOTCONN); the first read reports on_close(ECONNRESET).
-            self._setup(sock, state)
-            self._peer = peer
+            self._setup(sock, state, peer)
             return
         if sock.type == socket.SOCK_STREAM:
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -388,7 +388,8 @@ class AsyncSocket:
         self._closed_event.set()
         return sock
 
-    def _setup(self, sock: socket.socket, state: _State) -> None:
+    def _setup(self, sock: socket.socket, state: _State, peer: Any = None) -> None:
+        # ``peer``: the address accept() gave (known even when the peer reset since).
         reactor = self.reactor
         if reactor._closed:
             sock.close()
@@ -407,9 +408,9 @@ class AsyncSocket:
         self._recreatable = False
         self._options = []
         self.error = None
-        self._peer = None
+        self._peer = peer
         if state is _State.OPEN:
-            if self._kind == STREAM:
+            if self._kind == STREAM and peer is None:
                 try:
                     self._peer = sock.getpeername()
                 except OSError:

@@ -51,8 +51,8 @@ import ssl as _ssl
 import threading
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .._net import format_address
 from ..exceptions import Cancelled, ConnectionClosed, Timeout
+from ..protocol import format_address
 from .connection import CancelToken, Connection
 
 if TYPE_CHECKING:
