@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_auth_key(engine: str, key_files: tuple[str, str]) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("version", [1, 2])
-def test_proxy_protocol_logs_the_proxied_client(engine: str, version: int) -> None:
+def test_proxy_protocol_logs_the_proxied_client(engine: str, version: Literal[1, 2]) -> None:
     """--proxy-protocol: the logged peer is the address in the header; a missing header is closed and logged."""
     info = ProxyInfo(version, "PROXY", "TCP4", ("203.0.113.7", 40000), ("127.0.0.1", 9898))
     header = serialize_v1(info) if version == 1 else serialize_v2(info)

@@ -829,7 +829,6 @@ def test_parse_max_size_and_with_max_size() -> None:
         ({"length_size": 16}, "length field width 16"),
         ({"byteorder": "middle"}, "byte order 'middle'"),
         ({"max_size": -1}, "max_size -1"),
-        ({"max_size": 1.5}, "max_size 1.5"),
         ({"fields_after": ("kind",)}, "is not a HeaderField"),
         ({"fields_before": (HeaderField("a", "B"),), "fields_after": (HeaderField("a", "H"),)}, "duplicate"),
         (
@@ -846,6 +845,69 @@ def test_format_validation(kwargs: dict[str, Any], pattern: str) -> None:
     """A FrameFormat that cannot exist raises InvalidFormat at construction."""
     with pytest.raises(InvalidFormat, match=pattern):
         FrameFormat(**kwargs)
+
+
+def test_a_negative_max_size_is_a_value_error() -> None:
+    """max_size=-1 is InvalidFormat, which is a ValueError (a value out of range)."""
+    with pytest.raises(ValueError, match=r"^max_size -1 must be a non-negative int or None$"):
+        FrameFormat(max_size=-1)
+    with pytest.raises(ValueError, match="max_size -1"):
+        FrameFormat.parse("u32be", max_size=-1)
+
+
+@pytest.mark.parametrize(
+    ("max_size", "kind"), [(True, "bool"), (False, "bool"), (1.5, "float"), (16.0, "float"), ("16", "str")]
+)
+def test_max_size_must_be_an_int_or_none(max_size: Any, kind: str) -> None:
+    """FrameFormat(max_size=True) was a 1-byte limit; a bool or any non-int is a TypeError naming the type."""
+    with pytest.raises(TypeError, match=rf"^max_size must be an int or None, got {kind}$"):
+        FrameFormat(max_size=max_size)
+    with pytest.raises(TypeError, match=rf"^max_size must be an int or None, got {kind}$"):
+        FrameFormat.parse("u32be", max_size=max_size)
+    with pytest.raises(TypeError, match=rf"^max_size must be an int or None, got {kind}$"):
+        DEFAULT_FORMAT.with_max_size(max_size)
+
+
+@pytest.mark.parametrize(("spec", "kind"), [(b"u32be", "bytes"), (None, "NoneType"), (4, "int")])
+def test_parse_wants_a_str(spec: Any, kind: str) -> None:
+    """FrameFormat.parse(b"u32be") says a str is expected (it used to say "empty frame format")."""
+    with pytest.raises(TypeError, match=rf"^frame format must be a str, got {kind}$"):
+        FrameFormat.parse(spec)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"), [("abc", "str"), (3, "int"), ([1, 2, 3], "list"), (None, "NoneType")]
+)
+def test_encoding_refuses_a_body_that_is_not_bytes_like(value: Any, kind: str) -> None:
+    """encode() and encode_parts() name the type of a body that is not bytes-like (a str has a len() but is no body)."""
+    fmt = FrameFormat.parse("u8+k:B")
+    with pytest.raises(TypeError, match=rf"^message must be bytes-like, got {kind}$"):
+        fmt.encode(value)
+    with pytest.raises(TypeError, match=rf"^message must be bytes-like, got {kind}$"):
+        fmt.encode_parts(value, {"k": 1})
+    with pytest.raises(TypeError, match=rf"^message must be bytes-like, got {kind}$"):
+        encode(value)
+
+
+@pytest.mark.parametrize("buffered", [b"", b"\0"], ids=["empty", "mid-header"])
+@pytest.mark.parametrize(("value", "kind"), [("abc", "str"), (3, "int"), (None, "NoneType")])
+def test_decoder_refuses_data_that_is_not_bytes_like(buffered: bytes, value: Any, kind: str) -> None:
+    """FrameDecoder.feed(str) names the type (not "can't concat str to bytearray") and keeps its state."""
+    for spec in ("u32be", "u8+k:B"):
+        decoder = FrameFormat.parse(spec).decoder()
+        decoder.feed(buffered)
+        with pytest.raises(TypeError, match=rf"^data must be bytes-like, got {kind}$"):
+            decoder.feed(value)
+        with pytest.raises(TypeError, match=rf"^data must be bytes-like, got {kind}$"):
+            decoder.feed_span(value)
+        assert decoder.error is None and decoder.buffered == len(buffered)
+
+
+def test_encoding_takes_every_bytes_like_body() -> None:
+    """bytes, bytearray, memoryview and Message bodies are all framed alike (the type check lets them through)."""
+    fmt = FrameFormat.parse("u16be")
+    for body in (b"abc", bytearray(b"abc"), memoryview(b"abc"), Message(b"abc"), memoryview(b"xabc")[1:]):
+        assert fmt.encode(body) == b"\0\x03abc"
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,10 @@ def test_wheel_metadata(built: Built) -> None:
     assert fields["License-File"] == ["LICENSE"]
     assert "Typing :: Typed" in fields["Classifier"]
     assert fields["Requires-Python"] == [">=3.11"]
+    # The library needs no third-party package; every requirement belongs to an extra.
+    requires = fields.get("Requires-Dist", [])
+    assert requires and all("extra ==" in r for r in requires), requires
+    assert {"cli", "plot", "test", "docs"} <= set(fields["Provides-Extra"])
 
 
 def test_sdist_contents(built: Built) -> None:
@@ -209,3 +213,20 @@ def test_installed_wheel_works(built: Built, tmp_path: Path) -> None:
     assert "site-packages" in report["file"], f"imported from {report['file']}, not the installed wheel"
     assert report["reply"] == "ekoms"
     assert report["third_party"] == [], f"the library imported {report['third_party']}"
+
+
+def test_commands_without_extras(built: Built, tmp_path: Path) -> None:
+    """Without the cli extra the command runs, and says which extra a missing part needs."""
+    script = built.venv_python.parent / "msgsock"
+    result = subprocess.run(
+        [str(script), "client", "--tui"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=unit(60),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "msgsock client: error: --tui needs textual and rich: pip install 'msgsock[cli]'"
+    ]

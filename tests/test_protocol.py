@@ -882,7 +882,7 @@ def test_send_errors_leave_the_buffer_unchanged() -> None:
 def test_send_message_refuses_what_is_not_bytes_like(spec: str, message: Any) -> None:
     """send_message of a str (or anything not bytes-like) raises TypeError naming the type."""
     proto = MessageProtocol(FrameFormat.parse(spec))
-    with pytest.raises(TypeError, match=f"not {type(message).__name__}"):
+    with pytest.raises(TypeError, match=f"^message must be bytes-like, got {type(message).__name__}$"):
         proto.send_message(message)
     assert proto.outgoing_size == 0
 

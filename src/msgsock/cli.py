@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import io
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, _args
-from .framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
+from .framing import PRESETS, FrameFormat
 from .protocol import DEFAULT_LIMITS, Limits
 from .udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
 from .udp import DEFAULT_RETRIES as UDP_RETRIES
@@ -43,19 +45,6 @@ _FRAME_HELP = (
     f"frame format: a preset ({', '.join(PRESETS)}) or a format string such as "
     "'u32be+kind:B+flags:H', 'magic:H+u16be' or 'u32be!' (length counts the header); default u32be"
 )
-
-
-# -- argument types: each raises ArgumentTypeError, which argparse turns into exit 2 ----------
-
-
-def _header_field(text: str) -> tuple[str, int]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"header {text!r} is not NAME=VALUE")
-    try:
-        return name, int(value, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"header {name} value {value!r} is not an integer") from None
 
 
 # -- logging ---------------------------------------------------------------------------------
@@ -105,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     # security options and has no use for the server engines.
     from .server import ENGINES
 
-    parser = argparse.ArgumentParser(
+    # One parser class for all commands: every usage error is one line (see _args).
+    parser = _args.ArgumentParser(
         prog="msgsock", description="Whole messages over TCP and UDP: servers, clients and a load generator."
     )
     parser.add_argument("--version", action="version", version=f"msgsock {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_args.ArgumentParser
+    )
 
     serve = sub.add_parser(
         "serve", help="run an echo/reverse message server", description="Run a message server."
@@ -151,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frame_options(serve)
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=_args.non_negative_int,
         default=None,
         metavar="N",
         help=f"more are closed at once (default {DEFAULT_LIMITS.max_connections}; per worker with processes)",
@@ -224,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_frame_options(client)
     client.add_argument(
         "--header",
-        type=_header_field,
+        type=_args.header_field,
         action="append",
         default=[],
         metavar="NAME=VALUE",
@@ -353,9 +345,34 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _arg_bytes(text: str) -> bytes:
+    """The bytes of a command-line argument exactly as given (SPEC §6.2: messages are bytes).
+
+    Python decodes argv with the file system encoding and ``surrogateescape``;
+    ``os.fsencode`` undoes that, so ``--send "$(printf 'a\\xffb')"`` sends a, 0xff, b.
+    """
+    return os.fsencode(text)
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    """Standard input's lines as bytes, line ends removed: a non-UTF-8 line is sent raw."""
+    for line in sys.stdin.buffer:
+        yield line.rstrip(b"\r\n")
+
+
+def _printable_stdout() -> None:
+    """Never fail to print a reply: escape what the terminal's encoding cannot show."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def _frame_of(args: argparse.Namespace) -> FrameFormat:
-    frame: FrameFormat = args.frame or FrameFormat()
-    return frame.with_max_size(DEFAULT_MAX_SIZE if args.max_size is None else args.max_size)
+    """``--frame`` with ``--max-size``.
+
+    Raises:
+        _args.UsageError: ``--max-size`` above what the frame's length field can count.
+    """
+    return _args.frame_with_max_size(args.frame, args.max_size)
 
 
 def _udp_conflicts(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
@@ -382,8 +399,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import MAX_WORKERS, ServerConfig, run_server
 
     def usage(message: str) -> int:
-        print(f"msgsock serve: error: {message}", file=sys.stderr)
-        return 2
+        return _args.usage_error("msgsock serve", message)
 
     _setup_logging(args.log_level, args.json)
     max_datagram = UDP_MAX_SIZE
@@ -414,16 +430,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if (args.tls_key or args.tls_client_ca) and not args.tls_cert:
         return usage("--tls-key and --tls-client-ca need --tls-cert")
     try:
+        frame = _frame_of(args)
         limits = _limits(args)
         auth_key = read_auth_key(args.auth_key_file)
-    except ValueError as exc:
+    except (ValueError, _args.UsageError) as exc:
         return usage(str(exc))
     config = ServerConfig(
         host=args.host,
         port=args.port,
         engine=args.engine or "asyncio",
         handler=args.handler,
-        frame=_frame_of(args),
+        frame=frame,
         limits=limits,
         workers=args.workers,
         udp=args.udp,
@@ -454,29 +471,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from .client import ClientConfig, ClientError, run_lines, run_rounds
 
+    def usage(message: str) -> int:
+        return _args.usage_error("msgsock client", message)
+
+    _printable_stdout()
     if args.rounds is not None and args.send:
-        print("msgsock client: error: --rounds and --send cannot be combined", file=sys.stderr)
-        return 2
+        return usage("--rounds and --send cannot be combined")
     if args.udp:
         return _cmd_client_udp(args)
     if args.retries is not None:
-        print("msgsock client: error: --retries needs --udp", file=sys.stderr)
-        return 2
-    frame = _frame_of(args)
+        return usage("--retries needs --udp")
     header = dict(args.header)
-    unknown = sorted(set(header) - set(frame.field_names))
-    if unknown:
-        print(
-            f"msgsock client: error: --header {', '.join(unknown)}: frame {frame} has "
-            f"{'fields ' + ', '.join(frame.field_names) if frame.field_names else 'no header fields'}",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        # Checked against the frame before anything connects (a usage error, not a
+        # connection failure): the frame's size limit and each --header value.
+        frame = _frame_of(args)
+        _args.check_header(frame, header)
         context, auth_key = client_security(args)
-    except ValueError as exc:
-        print(f"msgsock client: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, _args.UsageError) as exc:
+        return usage(str(exc))
     config = ClientConfig(
         host=args.host,
         port=args.port,
@@ -490,25 +503,34 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
     scripted = args.rounds is not None or bool(args.send)
     if args.tui and scripted:
-        print("msgsock client: error: --tui cannot be combined with --send or --rounds", file=sys.stderr)
-        return 2
-    if args.tui or (not scripted and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty()):
-        from .tui import run_tui
+        return usage("--tui cannot be combined with --send or --rounds")
+    interactive = not scripted and not args.no_tui and sys.stdin.isatty() and sys.stdout.isatty()
+    if args.tui or interactive:
+        if importlib.util.find_spec("textual") is not None:
+            from .tui import run_tui
 
-        return run_tui(config)
+            return run_tui(config)
+        if args.tui:
+            return _args.usage_error(
+                "msgsock client", "--tui needs textual and rich: pip install 'msgsock[cli]'", hint=False
+            )
+        print(
+            "msgsock client: line mode (pip install 'msgsock[cli]' for the interactive client)",
+            file=sys.stderr,
+        )
     try:
         if args.rounds is not None:
-            result = run_rounds(config, args.rounds, args.message.encode("utf-8"))
+            result = run_rounds(config, args.rounds, _arg_bytes(args.message))
             print(
                 f"{result.rounds} rounds, all verified; RTT p50 {result.percentile(0.5) * 1e6:.0f} us, "
                 f"p99 {result.percentile(0.99) * 1e6:.0f} us"
             )
         elif args.send:
-            run_lines(config, args.send)
+            run_lines(config, [_arg_bytes(text) for text in args.send])
         else:
             if sys.stdin.isatty():
                 print("type a message and press Enter; Ctrl-D to quit", file=sys.stderr)
-            run_lines(config, (line.rstrip("\r\n") for line in sys.stdin))
+            run_lines(config, _stdin_lines())
     except ClientError as exc:
         print(f"msgsock client: error: {exc}", file=sys.stderr)
         return 1
@@ -519,16 +541,14 @@ def _cmd_client_udp(args: argparse.Namespace) -> int:
     """``msgsock client --udp``: each message one datagram, resent on silence (SPEC §6.2, §5.4)."""
     conflicts = _udp_conflicts(args, ("header", "connect_timeout", "tui"))
     if conflicts:
-        print(
-            f"msgsock client: error: --udp cannot be combined with {', '.join(conflicts)} "
+        return _args.usage_error(
+            "msgsock client",
+            f"--udp cannot be combined with {', '.join(conflicts)} "
             "(a datagram is one message: no frame header, no connection)",
-            file=sys.stderr,
         )
-        return 2
     max_size = _udp_max_size(args)
     if isinstance(max_size, str):
-        print(f"msgsock client: error: {max_size}", file=sys.stderr)
-        return 2
+        return _args.usage_error("msgsock client", max_size)
     timeout = args.timeout or UDP_TIMEOUT  # 0 means the default, as for TCP
     retries = UDP_RETRIES if args.retries is None else args.retries
     try:
@@ -540,13 +560,13 @@ def _cmd_client_udp(args: argparse.Namespace) -> int:
             )
             return 0
         if args.send:
-            texts: Iterable[str] = args.send
+            messages: Iterable[bytes] = [_arg_bytes(text) for text in args.send]
         else:
             # No interactive client over UDP: a terminal gets line mode.
             if sys.stdin.isatty():
                 print("type a message and press Enter; Ctrl-D to quit", file=sys.stderr)
-            texts = (line.rstrip("\r\n") for line in sys.stdin)
-        _udp_lines(args, texts, timeout=timeout, retries=retries, max_size=max_size)
+            messages = _stdin_lines()
+        _udp_lines(args, messages, timeout=timeout, retries=retries, max_size=max_size)
     except _UdpClientError as exc:
         print(f"msgsock client: error: {exc}", file=sys.stderr)
         return 1
@@ -598,13 +618,13 @@ def _udp_request(client: Any, data: bytes, what: str, max_size: int) -> bytes:
 
 
 def _udp_lines(
-    args: argparse.Namespace, texts: Iterable[str], *, timeout: float, retries: int, max_size: int
+    args: argparse.Namespace, messages: Iterable[bytes], *, timeout: float, retries: int, max_size: int
 ) -> None:
     from .client import escape_text
 
     with _udp_client(args, timeout=timeout, retries=retries, max_size=max_size) as client:
-        for n, text in enumerate(texts, 1):
-            reply = _udp_request(client, text.encode("utf-8"), f"message {n}", max_size)
+        for n, data in enumerate(messages, 1):
+            reply = _udp_request(client, data, f"message {n}", max_size)
             print(escape_text(reply), flush=True)
 
 
@@ -615,7 +635,7 @@ def _udp_rounds(
     from .client import RoundsResult, escape_text
 
     rtts: list[float] = []
-    payload = args.message.encode("utf-8")
+    payload = _arg_bytes(args.message)
     with _udp_client(args, timeout=timeout, retries=retries, max_size=max_size) as client:
         for n in range(1, rounds + 1):
             start = time.perf_counter()
@@ -623,7 +643,7 @@ def _udp_rounds(
             rtts.append(time.perf_counter() - start)
             if echo != payload:
                 raise _UdpClientError(
-                    f"mismatch at round {n}: sent {escape_text(payload, 80)!r}, got {escape_text(echo, 80)!r}"
+                    f"mismatch at round {n}: sent '{escape_text(payload, 80)}', got '{escape_text(echo, 80)}'"
                 )
             payload = payload[::-1]
     return RoundsResult(rounds, rtts)

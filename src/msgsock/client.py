@@ -112,8 +112,8 @@ def _receive(conn: Connection, timeout: float, what: str) -> bytes:
     return reply
 
 
-def run_lines(config: ClientConfig, messages: Iterable[str], out: TextIO | None = None) -> int:
-    """Send each text as one message and print each reply.  Returns the number exchanged.
+def run_lines(config: ClientConfig, messages: Iterable[bytes], out: TextIO | None = None) -> int:
+    """Send each message (bytes, sent as they are) and print each reply.  Returns the number exchanged.
 
     Raises:
         ClientError: connection failure, timeout or early disconnect.
@@ -122,10 +122,10 @@ def run_lines(config: ClientConfig, messages: Iterable[str], out: TextIO | None 
     count = 0
     conn = _connect(config)
     try:
-        for text in messages:
+        for data in messages:
             what = f"message {count + 1}"
             try:
-                conn.send(text.encode("utf-8"), config.header or None)
+                conn.send(data, config.header or None)
             except (ConnectionClosed, OSError) as exc:
                 raise ClientError(f"server disconnected before {what} was sent ({exc})") from None
             except MsgsockError as exc:
@@ -174,7 +174,7 @@ def run_rounds(config: ClientConfig, rounds: int, first: bytes) -> RoundsResult:
             rtts.append(time.perf_counter() - start)
             if bytes(echo) != payload:
                 raise ClientError(
-                    f"mismatch at {what}: sent {escape_text(payload, 80)!r}, got {escape_text(echo, 80)!r}"
+                    f"mismatch at {what}: sent '{escape_text(payload, 80)}', got '{escape_text(echo, 80)}'"
                 )
             payload = payload[::-1]
     finally:

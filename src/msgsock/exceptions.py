@@ -211,7 +211,14 @@ class EndOfData(ArchiveError):
 
 
 class HandshakeError(ProtocolError):
-    """The authentication handshake (SPEC §4.2) failed."""
+    """A connection's opening stages failed: the authentication handshake (SPEC §4.2),
+    or, on a client, the TLS handshake.
+
+    ``sync.connect`` and ``aio.connect`` raise it for both; its message is the
+    core's reason (``TLS handshake failed: certificate verify failed: ...``,
+    ``authentication failed: ...``) and its ``__cause__`` the
+    :class:`ConnectionClosed` that ended the connection.
+    """
 
 
 class ProxyProtocolError(ProtocolError):

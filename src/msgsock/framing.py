@@ -70,6 +70,18 @@ PRESETS: dict[str, tuple[int, Byteorder]] = {
 # little-endian u8 format must be able to say so and parse it back (round trip).
 _LENGTH_NAMES: dict[str, tuple[int, Byteorder]] = {**PRESETS, "u8be": (1, "big"), "u8le": (1, "little")}
 
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_BYTES_OR_BYTEARRAY = (bytes, bytearray)  # a tuple: ``bytes | bytearray`` is built anew at each call
+
+
+def bytes_like_error(value: object, name: str = "message") -> TypeError:
+    """The one error for a body (or chunk of stream) that is not bytes-like, naming its type.
+
+    Every layer raises it (``message must be bytes-like, got str``); the I/O layers
+    only build it on the path that already failed, so a send pays nothing for it.
+    """
+    return TypeError(f"{name} must be bytes-like, got {type(value).__name__}")
+
 
 class Message(bytes):
     """A received message body together with its extra header fields.
@@ -124,7 +136,9 @@ class FrameFormat:
             (only by explicit choice: it lets a peer make us allocate what it claims).
 
     Raises:
-        InvalidFormat: any argument out of range, or duplicate field names.
+        InvalidFormat: any argument out of range (a negative ``max_size`` too; it is
+            a ``ValueError``), or duplicate field names.
+        TypeError: ``max_size`` is not an int or None (a bool neither).
     """
 
     length_size: int = 4
@@ -147,8 +161,13 @@ class FrameFormat:
             raise InvalidFormat(f"length field width {self.length_size!r} is not one of 1, 2, 4, 8")
         if self.byteorder not in _ORDER_PREFIX:
             raise InvalidFormat(f"byte order {self.byteorder!r} is not 'big' or 'little'")
-        if self.max_size is not None and (not isinstance(self.max_size, int) or self.max_size < 0):
-            raise InvalidFormat(f"max_size {self.max_size!r} must be a non-negative int or None")
+        max_size = self.max_size
+        if max_size is not None:
+            if isinstance(max_size, bool) or not isinstance(max_size, int):
+                # max_size=True would be a 1-byte limit.
+                raise TypeError(f"max_size must be an int or None, got {type(max_size).__name__}")
+            if max_size < 0:
+                raise InvalidFormat(f"max_size {max_size!r} must be a non-negative int or None")
         fields = (*self.fields_before, *self.fields_after)
         for f in fields:
             if not isinstance(f, HeaderField):
@@ -190,8 +209,11 @@ class FrameFormat:
 
         Raises:
             InvalidFormat: naming the part of ``spec`` that is wrong.
+            TypeError: ``spec`` is not a str (``frame format must be a str, got bytes``).
         """
-        if not isinstance(spec, str) or not spec.strip():
+        if not isinstance(spec, str):
+            raise TypeError(f"frame format must be a str, got {type(spec).__name__}")
+        if not spec.strip():
             raise InvalidFormat("empty frame format")
         parts = spec.strip().split("+")
         before: list[HeaderField] = []
@@ -319,10 +341,18 @@ class FrameFormat:
 
         Raises:
             OversizeMessage, InvalidFormat: as :meth:`encode_header`.
+            TypeError: ``body`` is not bytes-like (``message must be bytes-like, got str``).
         """
         if header is None and isinstance(body, Message):
             header = body.header
-        size = body.nbytes if isinstance(body, memoryview) else len(body)
+        # bytes first: as cheap as the memoryview test alone was, and a str (which has
+        # a len()) is refused instead of being framed.
+        if isinstance(body, _BYTES_OR_BYTEARRAY):
+            size = len(body)
+        elif isinstance(body, memoryview):
+            size = body.nbytes
+        else:
+            raise bytes_like_error(body)
         return self.encode_header(size, header), body
 
     def encode(self, body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None) -> bytes:
@@ -330,6 +360,7 @@ class FrameFormat:
 
         Raises:
             OversizeMessage, InvalidFormat: as :meth:`encode_header`.
+            TypeError: ``body`` is not bytes-like.
         """
         head, body = self.encode_parts(body, header)
         return head + bytes(body)
@@ -407,6 +438,8 @@ class FrameDecoder:
             MessageTooLarge: a declared length above ``max_size``.
             FrameError: a length smaller than the header (``length_includes_header``).
             ProtocolError: again on every later call, once the stream was found bad.
+            TypeError: ``data`` is not bytes-like (``data must be bytes-like, got str``);
+                the decoder is left as it was.
         """
         if self._error is not None:
             raise self._error
@@ -435,28 +468,34 @@ class FrameDecoder:
             if pos < n:
                 buf += data[pos:]
             return frames
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return []
-            # The internal buffer is exported to a memoryview while parsing and must be
-            # released before it is resized.
-            with memoryview(buf) as view:
-                frames, used = self._parse(view, len(buf))
-            del buf[:used]
+        try:  # free in Python 3.11+ until something raises
+            if buf:
+                buf += data
+                if len(buf) < self._need:
+                    return []
+                # The internal buffer is exported to a memoryview while parsing and must be
+                # released before it is resized.
+                with memoryview(buf) as view:
+                    frames, used = self._parse(view, len(buf))
+                del buf[:used]
+                return frames
+            if isinstance(data, bytearray):
+                # Slices of a bytearray are bytearrays; parse a view so bodies come out as bytes.
+                with memoryview(data) as view:
+                    frames, used = self._parse(view, len(data))
+                    if used < len(data):
+                        buf += view[used:]
+                return frames
+            n = data.nbytes if type(data) is memoryview else len(data)
+            frames, used = self._parse(data, n)
+            if used < n:
+                buf += data[used:]
             return frames
-        if isinstance(data, bytearray):
-            # Slices of a bytearray are bytearrays; parse a view so bodies come out as bytes.
-            with memoryview(data) as view:
-                frames, used = self._parse(view, len(data))
-                if used < len(data):
-                    buf += view[used:]
-            return frames
-        n = data.nbytes if type(data) is memoryview else len(data)
-        frames, used = self._parse(data, n)
-        if used < n:
-            buf += data[used:]
-        return frames
+        except TypeError:
+            # Not a bytes-like chunk: each path fails before it changes any state.
+            if not isinstance(data, _BYTES_LIKE):
+                raise bytes_like_error(data, "data") from None
+            raise
 
     def feed_span(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """Like :meth:`feed`, but return the complete frames as one span of raw bytes.
@@ -500,22 +539,27 @@ class FrameDecoder:
             if pos < n:
                 buf += data[pos:]
             return count, (data[:pos].tobytes() if pos else b"")
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return 0, b""
-            with memoryview(buf) as view:
-                count, used = self._scan(view, len(buf))
-                span = view[:used].tobytes()
-            if self._error is not None:
-                buf.clear()  # what follows a bad header is not a frame
-            else:
-                del buf[:used]
-            return count, span
-        if type(data) is memoryview:  # the I/O layers' case: no second view needed
-            return self._scan_span(data)
-        with memoryview(data) as view:
-            return self._scan_span(view)
+        try:
+            if buf:
+                buf += data
+                if len(buf) < self._need:
+                    return 0, b""
+                with memoryview(buf) as view:
+                    count, used = self._scan(view, len(buf))
+                    span = view[:used].tobytes()
+                if self._error is not None:
+                    buf.clear()  # what follows a bad header is not a frame
+                else:
+                    del buf[:used]
+                return count, span
+            if type(data) is memoryview:  # the I/O layers' case: no second view needed
+                return self._scan_span(data)
+            with memoryview(data) as view:
+                return self._scan_span(view)
+        except TypeError:
+            if not isinstance(data, _BYTES_LIKE):  # as in feed(): nothing changed yet
+                raise bytes_like_error(data, "data") from None
+            raise
 
     def _scan_span(self, view: memoryview) -> tuple[int, bytes]:
         n = len(view)

@@ -76,7 +76,7 @@ from .exceptions import (
     OversizeMessage,
     ProtocolError,
 )
-from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat
+from .framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat, bytes_like_error
 from .stages import StageFailure, Stages
 
 __all__ = [
@@ -1061,7 +1061,7 @@ class MessageProtocol:
             ConnectionClosed: the connection has ended (or is ending); ``kind`` says how.
             OversizeMessage: the body is above ``max_size`` or the field's range.
             InvalidFormat: bad header fields.
-            TypeError: ``message`` is not bytes-like.
+            TypeError: ``message`` is not bytes-like (``message must be bytes-like, got str``).
         """
         if self._eof_sent and not (self.state is State.DRAINING and self.replies_owed):
             if self.state is _OPEN:  # half-closed: the connection goes on, sending is misuse
@@ -1081,8 +1081,8 @@ class MessageProtocol:
                 self._queue(message, size)
             size += self._decoder._hsize
         else:
-            if not isinstance(message, _BYTES_TYPES):
-                raise TypeError(f"a message is bytes, bytearray or memoryview, not {type(message).__name__}")
+            if not isinstance(message, _BYTES_TYPES):  # off the fast path: bytes never get here
+                raise bytes_like_error(message)
             head, body = self.frame.encode_parts(message, header)
             size = len(head) + (body.nbytes if isinstance(body, memoryview) else len(body))
             if size <= _JOIN_LIMIT:

@@ -2885,7 +2885,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="message body size, or a range drawn uniformly per message (default 64)",
     )
     parser.add_argument(
-        "--seed", type=int, default=1, help="seed of the random sizes of --size MIN-MAX (default 1)"
+        "--seed",
+        type=_args.whole_number,
+        default=1,
+        help="seed of the random sizes of --size MIN-MAX (default 1)",
     )
     parser.add_argument(
         "-d",
@@ -2932,9 +2935,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-size",
         type=_args.byte_size,
-        default=DEFAULT_MAX_SIZE,
+        default=None,
         metavar="BYTES",
-        help="largest reply accepted (default 16MiB)",
+        help="largest reply accepted (default 16MiB, or what the frame's length field can count)",
     )
     parser.add_argument("--udp", action="store_true", help="UDP: one datagram per message, no length header")
     parser.add_argument(
@@ -2982,15 +2985,22 @@ def _config(args: argparse.Namespace) -> StressConfig:
         _UsageError: a combination of options that cannot work.
     """
     size_min, size_max = args.size
-    frame: FrameFormat = args.frame.with_max_size(args.max_size)
     if args.udp:
+        # No frames over UDP (--frame is ignored), so nothing to check the size against.
+        max_size = DEFAULT_MAX_SIZE if args.max_size is None else args.max_size
+        frame: FrameFormat = args.frame.with_max_size(max_size)
         if size_max > _UDP_MAX:
             raise _UsageError(f"--size {size_max} is above the largest UDP datagram ({_UDP_MAX} bytes)")
-    elif size_max > frame.max_body:
-        raise _UsageError(
-            f"--size {size_max} does not fit frame {frame} with --max-size {args.max_size} "
-            f"(largest body {frame.max_body})"
-        )
+    else:
+        try:  # the check serve and client make too
+            frame = _args.frame_with_max_size(args.frame, args.max_size)
+        except _args.UsageError as exc:
+            raise _UsageError(str(exc)) from None
+        if size_max > frame.max_body:
+            limit = "" if args.max_size is None else f" with --max-size {args.max_size}"
+            raise _UsageError(
+                f"--size {size_max} does not fit frame {frame}{limit} (largest body {frame.max_body})"
+            )
     if args.workers > args.connections:
         raise _UsageError(
             f"--workers {args.workers} needs at least as many --connections (have {args.connections})"
@@ -3066,6 +3076,11 @@ def _raise_fd_limit(needed: int) -> None:
             pass
 
 
+def _prog(args: argparse.Namespace) -> str:
+    """The command's name in error lines: ``msgsock stress`` or ``python -m msgsock.stress``."""
+    return str(getattr(args, "prog", "msgsock stress"))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``msgsock stress``: load, verify, report.
 
@@ -3079,14 +3094,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
     except _UsageError as exc:
-        print(f"msgsock stress: error: {exc}", file=sys.stderr)
-        return 2
+        return _args.usage_error(_prog(args), str(exc))
     if args.plot and not _plot_available():
-        print(
-            "msgsock stress: error: --plot needs matplotlib: pip install 'msgsock[plot]'",
-            file=sys.stderr,
+        return _args.usage_error(
+            _prog(args), "--plot needs matplotlib: pip install 'msgsock[plot]'", hint=False
         )
-        return 2
     try:
         address = _resolve(cfg)
     except OSError as exc:
@@ -3134,10 +3146,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             _plot(args.plot, cfg, report, hist)
         except ImportError:
-            print(
-                "msgsock stress: error: --plot needs matplotlib: pip install 'msgsock[plot]'", file=sys.stderr
+            return _args.usage_error(
+                _prog(args), "--plot needs matplotlib: pip install 'msgsock[plot]'", hint=False
             )
-            return 2
         except OSError as exc:
             print(f"msgsock stress: error: cannot write {args.plot}: {exc.strerror or exc}", file=sys.stderr)
             return 1
@@ -3160,10 +3171,11 @@ def _silence(stream: TextIO) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _args.ArgumentParser(
         prog="python -m msgsock.stress", description="Verifying load generator (the iocpclient successor)."
     )
     configure_parser(parser)
+    parser.set_defaults(prog=parser.prog)
     return run(parser.parse_args(argv))
 
 

@@ -11,7 +11,8 @@ this module adds is what datagram programs tend to get wrong:
   large -- the system would otherwise truncate it silently.  On Linux ``MSG_TRUNC``
   also gives its real size, which is logged.  A server drops such a datagram,
   counts it in ``errors`` (``message too large``) and logs a warning with the peer
-  and both sizes; a client's receive raises
+  and both sizes (rate-limited: the first few in full, then at most one summary
+  line per 10 s, so a flood cannot fill the disk); a client's receive raises
   :class:`~msgsock.exceptions.MessageTooLarge` (the peer's fault).
 - **Loss.**  :meth:`UdpClient.request` sends, waits ``timeout`` seconds for the
   reply, resends up to ``retries`` times (so ``retries + 1`` tries in all), then
@@ -61,7 +62,8 @@ from types import TracebackType
 from typing import Any, TextIO, TypeAlias, cast
 
 from ._net import DEFAULT_LOGGER as DEFAULT_LOGGER
-from ._net import server_logger
+from ._net import check_callable, check_port, server_logger
+from ._ratelimit import LogRateLimiter, Suppressed
 from .exceptions import ConcurrencyError, EndKind, InvalidState, MessageTooLarge, OversizeMessage, Timeout
 from .protocol import check_reply, describe_os_error, format_address, handler_end
 from .serving import ServerStatistics
@@ -102,6 +104,11 @@ _MAX_PENDING = 1024
 _TRUNC = socket.MSG_TRUNC if sys.platform.startswith("linux") else 0
 """recvfrom flag: on Linux, return a datagram's real size even when it was truncated."""
 
+_WARNING_INTERVAL = 10.0
+_WARNING_BURST = 5
+"""Dropped datagrams are logged rate-limited: the first 5 of a quiet spell in full, then at
+most one summary line per 10 s (any sender can send a flood, and must not fill the disk)."""
+
 Reply: TypeAlias = bytes | bytearray | memoryview | None
 Handler: TypeAlias = Callable[[bytes], Reply]
 """A per-datagram function: the message in, the reply out (None: no reply)."""
@@ -137,8 +144,10 @@ def _bind(host: str | None, port: int, family: int) -> socket.socket:
     """Bind a non-blocking datagram socket to the first address of ``host`` that works.
 
     Raises:
+        ValueError: ``port`` is not an int 0..65535 (``port 70000: must be 0..65535``).
         OSError: no address could be bound (the last error), or ``socket.gaierror``.
     """
+    port = check_port(port)  # getaddrinfo would take it modulo 65536
     infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
     error: OSError | None = None
     for af, type_, proto, _canonname, address in infos:
@@ -161,9 +170,11 @@ def _resolve(host: str, port: int, family: int) -> list[tuple[int, Any]]:
     """The addresses of ``host``, in getaddrinfo's order (SPEC §5.2: all are tried in order).
 
     Raises:
+        ValueError: ``port`` is not an int 0..65535 (``port 70000: must be 0..65535``).
         socket.gaierror: the name does not resolve.
         OSError: it resolves to no IPv4 or IPv6 address.
     """
+    port = check_port(port)  # getaddrinfo would take it modulo 65536
     return _inet_addresses(socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM), host)
 
 
@@ -200,6 +211,8 @@ class _DatagramPump:
         self.stats = ServerStatistics()
         self.lock = threading.Lock()  # statistics() may be read from any thread
         self.paused = False
+        self.oversize_log = LogRateLimiter(_WARNING_INTERVAL, burst=_WARNING_BURST)
+        self.reply_log = LogRateLimiter(_WARNING_INTERVAL, burst=_WARNING_BURST)
 
     def statistics(self) -> ServerStatistics:
         with self.lock:
@@ -231,12 +244,16 @@ class _DatagramPump:
                 return
             if n > max_size:
                 self.count(EndKind.MESSAGE_TOO_LARGE)
-                self.log.warning(
-                    "%s: dropped a datagram of %s: above max_size %d",
-                    format_address(peer),
-                    _size_text(n, max_size),
-                    max_size,
-                )
+                log, summary = self.oversize_log.hit(time.monotonic(), peer)
+                if summary is not None:
+                    self._log_oversize(summary)
+                if log:
+                    self.log.warning(
+                        "%s: dropped a datagram of %s: above max_size %d",
+                        format_address(peer),
+                        _size_text(n, max_size),
+                        max_size,
+                    )
                 continue
             message = bytes(self.view[:n])
             with self.lock:
@@ -287,7 +304,11 @@ class _DatagramPump:
             # client's retry covers it.
             end = describe_os_error(exc)
             self.count(end.kind)
-            self.log.warning("%s: reply dropped: %s", format_address(peer), end.reason)
+            log, summary = self.reply_log.hit(time.monotonic(), peer)
+            if summary is not None:
+                self._log_replies(summary)
+            if log:
+                self.log.warning("%s: reply dropped: %s", format_address(peer), end.reason)
             return
         with self.lock:
             self.stats.messages_sent += 1
@@ -297,6 +318,23 @@ class _DatagramPump:
         """Count one failure of ``kind`` (a dropped datagram, a failed handler or reply)."""
         with self.lock:
             self.stats.count_end(kind)
+
+    def flush_warnings(self) -> None:
+        """Log the summaries of dropped datagrams not yet logged (at shutdown)."""
+        now = time.monotonic()
+        if (summary := self.oversize_log.flush(now)) is not None:
+            self._log_oversize(summary)
+        if (summary := self.reply_log.flush(now)) is not None:
+            self._log_replies(summary)
+
+    def _log_oversize(self, summary: Suppressed) -> None:
+        name = None if summary.source is None else format_address(summary.source)
+        what = f"datagrams above max_size {self.max_size} dropped"
+        self.log.warning("%s", summary.text(what, name=name))
+
+    def _log_replies(self, summary: Suppressed) -> None:
+        name = None if summary.source is None else format_address(summary.source)
+        self.log.warning("%s", summary.text("replies dropped", source="peer", via="to", name=name))
 
 
 # -- the blocking server ---------------------------------------------------------------------
@@ -349,7 +387,8 @@ class UdpServer(_BoundServer):
             ``logging.getLogger("msgsock.server")``.
 
     Raises:
-        ValueError: ``max_size`` outside 0-65535.
+        ValueError: ``max_size`` outside 0-65535, or ``port`` not an int 0..65535.
+        TypeError: ``handler`` is not callable (``handler must be callable, got bytes``).
         OSError: the address cannot be resolved or bound.
     """
 
@@ -363,6 +402,7 @@ class UdpServer(_BoundServer):
         family: int = socket.AF_UNSPEC,
         logger: logging.Logger | None = None,
     ) -> None:
+        check_callable(handler, "handler")
         _check_max_size(max_size)
         self._log = server_logger(logger)
         self._sock = _bind(host, port, family)
@@ -447,6 +487,7 @@ class UdpServer(_BoundServer):
                     selector.select()
                     pump.pump()
             pump.pump()  # answer what was queued when the stop came
+            pump.flush_warnings()
         except BaseException:  # never let the server thread die silently
             self._log.critical("%r: the server thread failed", self, exc_info=True)
             raise
@@ -548,6 +589,7 @@ class AsyncUdpServer(_BoundServer):
         pump.closing = True
         pump.paused = False
         pump.pump()  # what was queued before the close
+        pump.flush_warnings()
         pump.stop_reading()
         self._closer = pump.loop.create_task(self._finish_close())
 
@@ -618,9 +660,11 @@ async def serve_udp(
         The running :class:`AsyncUdpServer`.
 
     Raises:
-        ValueError: ``max_size`` outside 0-65535.
+        ValueError: ``max_size`` outside 0-65535, or ``port`` not an int 0..65535.
+        TypeError: ``handler`` is not callable (``handler must be callable, got bytes``).
         OSError: the address cannot be resolved or bound.
     """
+    check_callable(handler, "handler")
     _check_max_size(max_size)
     loop = asyncio.get_running_loop()
     log = server_logger(logger)
@@ -816,7 +860,8 @@ class UdpClient(_ClientBase):
         family: ``socket.AF_INET`` or ``AF_INET6`` to restrict name resolution.
 
     Raises:
-        ValueError: ``timeout`` <= 0, ``retries`` < 0 or ``max_size`` outside 0-65535.
+        ValueError: ``timeout`` <= 0, ``retries`` < 0, ``max_size`` outside 0-65535,
+            or ``port`` not an int 0..65535 (``port 70000: must be 0..65535``).
         OSError: ``socket.gaierror`` for a name that does not resolve; no address usable.
     """
 
@@ -1135,10 +1180,12 @@ async def open_udp_client(
         family: ``socket.AF_INET`` or ``AF_INET6`` to restrict name resolution.
 
     Raises:
-        ValueError: ``timeout`` <= 0, ``retries`` < 0 or ``max_size`` outside 0-65535.
+        ValueError: ``timeout`` <= 0, ``retries`` < 0, ``max_size`` outside 0-65535,
+            or ``port`` not an int 0..65535 (``port 70000: must be 0..65535``).
         OSError: ``socket.gaierror`` for a name that does not resolve; no address usable.
     """
     _check_client_options(timeout, retries, max_size)
+    port = check_port(port)
     loop = asyncio.get_running_loop()
     # getaddrinfo may block on DNS: in the loop's executor, not on the loop.
     infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)

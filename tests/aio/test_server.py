@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import logging
 import random
@@ -573,6 +574,67 @@ def test_connection_handler_shutdown(stock_loop: asyncio.Runner) -> None:
             conn.abort()
             server.close()
             await server.wait_closed()
+
+    run(stock_loop, main())
+
+
+class _EchoCall:
+    """A connection handler that is an object whose ``__call__`` is an async method."""
+
+    async def __call__(self, conn: aio.Connection, prefix: bytes = b"") -> None:
+        async for message in conn:
+            await conn.send(prefix + message)
+
+    async def method(self, conn: aio.Connection) -> None:
+        await self(conn, b"m:")
+
+
+async def _echo_prefixed(conn: aio.Connection, prefix: bytes) -> None:
+    async for message in conn:
+        await conn.send(prefix + message)
+
+
+@pytest.mark.parametrize(
+    ("handler", "prefix"),
+    [
+        (functools.partial(_echo_prefixed, prefix=b"p:"), b"p:"),
+        (_EchoCall(), b""),
+        (functools.partial(_EchoCall(), prefix=b"c:"), b"c:"),
+        (_EchoCall().method, b"m:"),
+    ],
+    ids=["partial", "callable-object", "partial-of-callable-object", "bound-method"],
+)
+def test_connection_handler_kinds_that_are_async_are_served(
+    stock_loop: asyncio.Runner, handler: Any, prefix: bytes
+) -> None:
+    """serve() takes, besides ``async def``, a partial of one, an object with an async ``__call__`` and a bound async method."""
+
+    async def main() -> None:
+        async with await aio.serve(connection_handler=handler, port=0) as server:
+            conn = await aio.connect("127.0.0.1", server.port)
+            try:
+                await conn.send(b"hi")
+                assert await conn.receive() == prefix + b"hi"
+            finally:
+                await conn.close()
+            assert server.statistics().errors == 0
+
+    run(stock_loop, main())
+
+
+def test_plain_connection_handler_is_refused_at_serve(stock_loop: asyncio.Runner) -> None:
+    """A plain function as connection_handler is a TypeError at serve(), no longer a failure of every connection."""
+
+    def handle(conn: aio.Connection) -> None:
+        pass
+
+    async def main() -> None:
+        with pytest.raises(TypeError) as info:
+            await aio.serve(connection_handler=handle, port=0)  # type: ignore[arg-type]  # the misuse under test
+        assert (
+            str(info.value)
+            == "connection_handler must be an async function (async def); got function 'handle'"
+        )
 
     run(stock_loop, main())
 

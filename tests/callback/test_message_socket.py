@@ -241,7 +241,9 @@ def test_a_peer_that_does_not_read_pauses_reading(host: str, peers: list[socket.
 
     class Listener(AsyncSocket):
         def on_accept(self) -> None:
-            accepted.append(self.accept(Collector(self.reactor, Recorder(), echo=True, limits=limits)))
+            collector = Collector(self.reactor, Recorder(), echo=True, limits=limits)
+            self.accept(collector)
+            accepted.append(collector)
 
     frames = [b"%08d" % i + b"." * 1016 for i in range(32 * 1024)]  # 32 MiB: more than the kernel buffers
     stream = b"".join(encode(f) for f in frames)

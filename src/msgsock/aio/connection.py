@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
-from .._net import set_nodelay
+from .._net import check_port, check_timeout, set_nodelay
 from ..exceptions import ConcurrencyError, ConnectionClosed, EndKind, HandshakeError, InvalidState, Timeout
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Action, Limits, MessageProtocol, State, Statistics, format_address
@@ -555,7 +555,12 @@ class Connection(asyncio.BufferedProtocol):
 
         Args:
             timeout: seconds the close may take (default ``limits.close_timeout``).
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN (nothing is closed then).
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         if self._close_task is None:
             self._close_task = self._loop.create_task(self._close(timeout))
         await asyncio.shield(self._close_task)
@@ -731,9 +736,14 @@ async def connect(
             ``AUTHENTICATION``).
         ConnectionClosed: the connection ended otherwise before the handshake was
             complete.
-        ValueError: ``auth_key`` is shorter than 16 bytes.
-        TypeError: ``ssl`` is not an :class:`ssl.SSLContext`, or ``auth_key`` is not bytes.
+        ValueError: ``auth_key`` is shorter than 16 bytes; ``port`` is not an int
+            0..65535 (``port 70000: must be 0..65535``); ``connect_timeout`` is
+            negative or NaN.
+        TypeError: ``ssl`` is not an :class:`ssl.SSLContext`, ``auth_key`` is not
+            bytes, or ``connect_timeout`` is not a number.
     """
+    port = check_port(port)
+    check_timeout(connect_timeout, "connect_timeout")
     loop = asyncio.get_running_loop()
     stages: Stages | None = None
     if ssl is not None or auth_key is not None:

@@ -56,7 +56,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, cast
 
 from .._net import DEFAULT_LOGGER as DEFAULT_LOGGER
-from .._net import server_logger
+from .._net import check_async_function, check_callable, check_port, server_logger
 from ..exceptions import ConnectionClosed
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, State, check_reply, format_address
@@ -632,6 +632,9 @@ async def serve(
     reply, None for none; it may be a coroutine function, replies stay in order) or
     ``connection_handler`` (``async def h(conn)``, the connection is closed
     gracefully when it returns).  With neither, the server echoes every message.
+    ``connection_handler`` must be an async function (or a ``functools.partial`` of
+    one, or an object whose ``__call__`` is one): a plain function is refused here
+    with ``TypeError``, not left to fail on every connection.
 
     A handler that raises, or returns anything but bytes-like or None (or an
     awaitable of it), resets its connection and is logged at error level with its
@@ -671,13 +674,25 @@ async def serve(
         The running :class:`Server`.
 
     Raises:
-        ValueError: both ``handler`` and ``connection_handler`` were given, or
-            ``auth_key`` is shorter than 16 bytes.
-        TypeError: ``auth_key`` is not bytes, or ``ssl`` is not an :class:`ssl.SSLContext`.
+        ValueError: both ``handler`` and ``connection_handler`` were given,
+            ``auth_key`` is shorter than 16 bytes, or ``port`` is not an int
+            0..65535 (``port 70000: must be 0..65535``).
+        TypeError: ``connection_handler`` is not an async function (``async def``,
+            a ``functools.partial`` of one, or an object whose ``__call__`` is one):
+            ``connection_handler must be an async function (async def); got
+            function 'name'``; ``handler`` is not callable (``handler must be
+            callable, got bytes``); ``auth_key`` is not bytes, or ``ssl`` is not an
+            :class:`ssl.SSLContext`.
         OSError: the address cannot be bound (e.g. in use).
     """
     if handler is not None and connection_handler is not None:
         raise ValueError("give either handler or connection_handler, not both")
+    # Checked here, not by every connection failing (issue 11).
+    if handler is not None:
+        check_callable(handler, "handler")
+    if connection_handler is not None:
+        check_async_function(connection_handler, "connection_handler")
+    port = check_port(port)
     server = Server(
         handler,
         connection_handler,

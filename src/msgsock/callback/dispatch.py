@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
+from .._net import check_timeout
+
 __all__ = ["Dispatcher", "QueueDispatcher", "direct"]
 
 log = logging.getLogger("msgsock.callback")
@@ -85,7 +87,12 @@ class QueueDispatcher:
 
         Returns:
             The number of callbacks run.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         if self._stopped:
             return 0
         try:
@@ -122,7 +129,12 @@ class QueueDispatcher:
 
         Args:
             timeout: give up after this many seconds; None runs until :meth:`stop`.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._stopped:
             if deadline is None:

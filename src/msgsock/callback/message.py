@@ -107,7 +107,6 @@ __all__ = ["HandshakeStage", "MessageSocket"]
 log = logging.getLogger("msgsock.callback")
 
 _Chunk = bytes | bytearray | memoryview
-_CHUNK_TYPES = (bytes, bytearray, memoryview)
 
 HandshakeStage = Literal["proxy", "tls", "auth"]
 """The stages of a connection, in the order they run (SPEC §7)."""
@@ -242,16 +241,16 @@ class MessageSocket(AsyncSocket):
             InvalidFormat: bad header fields.
             InvalidState: the socket was closed (or never created), or is listening.
             ConnectionClosed: the connection has ended; ``kind`` says how.
-            TypeError: ``message`` is not bytes-like.
+            TypeError: ``message`` is not bytes-like (``message must be bytes-like, got str``).
         """
-        if not isinstance(message, _CHUNK_TYPES):
-            raise TypeError(f"a message is bytes, bytearray or memoryview, not {type(message).__name__}")
+        # Not bytes-like: TypeError from the core (or encode_parts below), on the
+        # path that already refuses it, at no cost to a good message.
         self._check_can_send()
         reactor = self.reactor
         if reactor._inline():
             self._queue_message(message, header)
             return
-        # Check the message here so the caller gets OversizeMessage, not a log line.
+        # Check the message here so the caller gets OversizeMessage (or TypeError), not a log line.
         self.frame.encode_parts(message, header)
         if not reactor._call_soon_quiet(self._send_handed_off, message, header):
             raise InvalidState(f"{reactor!r} is stopped")
@@ -316,6 +315,7 @@ class MessageSocket(AsyncSocket):
 
         Raises:
             InvalidState: not a created, unconnected socket.
+            ValueError: ``port`` is not an int 0..65535 (``port 70000: must be 0..65535``).
             OSError: ``socket.gaierror`` for a name that does not resolve, or no address
                 of the socket's family.
         """

@@ -51,6 +51,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._net import check_timeout
 from ..exceptions import InvalidState, Timeout
 from .dispatch import Dispatcher
 
@@ -172,7 +173,10 @@ class Reactor:
 
         Raises:
             Timeout: the thread did not end within ``timeout``.
+            ValueError: ``timeout`` is negative or NaN (nothing is stopped then).
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         with self._lock:
             thread = self._thread
             self._stopping = True
@@ -268,7 +272,11 @@ class Reactor:
 
         Raises:
             Timeout: ``fn`` had not finished after ``timeout`` seconds (it may still run).
+            ValueError: ``timeout`` is negative or NaN (``fn`` is not run).
+            TypeError: ``timeout`` is not a number.
         """
+        if timeout is not None:
+            check_timeout(timeout)
         if self._inline():
             return fn(*args)
         future: concurrent.futures.Future[T] = concurrent.futures.Future()

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import TypeAlias
 
-from .._net import server_logger
+from .._net import check_callable, check_port, check_timeout, server_logger
 from ..exceptions import InvalidState
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol
@@ -119,8 +119,10 @@ class MessageServer(AsyncSocket):
         protocol: the server's :class:`~msgsock.serving.ServerProtocol`.
 
     Raises:
-        ValueError: ``auth_key`` is shorter than 16 bytes.
-        TypeError: ``auth_key`` is not bytes, or ``ssl`` is not an ``ssl.SSLContext``.
+        ValueError: ``auth_key`` is shorter than 16 bytes, or ``port`` is not an int
+            0..65535 (``port 70000: must be 0..65535``).
+        TypeError: ``handler`` is not callable (``handler must be callable, got
+            bytes``), ``auth_key`` is not bytes, or ``ssl`` is not an ``ssl.SSLContext``.
     """
 
     _default_events = FD_ACCEPT
@@ -139,6 +141,10 @@ class MessageServer(AsyncSocket):
         proxy_protocol: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
+        # Checked here, not by every connection failing (issue 11).
+        if handler is not None:
+            check_callable(handler, "handler")
+        port = check_port(port)
         super().__init__(reactor, dispatcher=direct)
         self.handler = handler
         self.host = host
@@ -226,8 +232,13 @@ class MessageServer(AsyncSocket):
         self._run_or_queue(self._begin_shutdown)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until :meth:`close` has ended every connection; False if ``timeout`` ran out first."""
-        return self._stopped.wait(timeout)
+        """Wait until :meth:`close` has ended every connection; False if ``timeout`` ran out first.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
+        """
+        return self._stopped.wait(check_timeout(timeout))
 
     def _begin_shutdown(self) -> None:
         protocol = self.protocol

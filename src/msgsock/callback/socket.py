@@ -74,6 +74,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from .._net import check_port, check_timeout
 from ..exceptions import InvalidState
 from ..protocol import format_address
 from .dispatch import Dispatcher
@@ -301,11 +302,13 @@ class AsyncSocket:
 
         Raises:
             InvalidState: the socket already exists, or the reactor is stopped.
+            ValueError: ``port`` is not an int 0..65535 (``port 70000: must be 0..65535``).
             OSError: the socket cannot be created or bound (``socket.gaierror`` for
                 a name that does not resolve).
         """
         if self._sock is not None:
             raise InvalidState(f"{self!r} is already created")
+        port = check_port(port)
         kind = SocketKind(kind)
         fam = _family_of(address, kind) if family is None else family
         sock = socket.socket(fam, kind)
@@ -438,9 +441,11 @@ class AsyncSocket:
 
         Raises:
             InvalidState: not a created, unconnected socket.
+            ValueError: ``port`` is not an int 0..65535 (``port 70000: must be 0..65535``).
             OSError: ``socket.gaierror`` for a name that does not resolve, or no address
                 of the socket's family.
         """
+        port = check_port(port)
         self._require_socket()
         if self._kind == DATAGRAM:
             addr = self._resolve(host, port)[0][1]
@@ -639,6 +644,7 @@ class AsyncSocket:
         Raises:
             WouldBlock: no room in the send buffer (arms :meth:`on_send`).
             InvalidState: not a created socket.
+            ValueError: the address's port is not 0..65535 (``port 70000: must be 0..65535``).
             OSError: from the system (e.g. ``EMSGSIZE``).
         """
         sock = self._require_open()
@@ -647,6 +653,9 @@ class AsyncSocket:
         except BlockingIOError:
             self._arm_write()
             raise WouldBlock("send_to") from None
+        except OverflowError:  # only on this failing path: sendto() checks the range itself
+            check_port(address[1])
+            raise
         except OSError as exc:
             self._io_error(exc)
             raise
@@ -797,8 +806,13 @@ class AsyncSocket:
         self._run_or_queue(self._abort_now)
 
     def wait_closed(self, timeout: float | None = None) -> bool:
-        """Wait until the socket is closed; returns False if ``timeout`` ran out first."""
-        return self._closed_event.wait(timeout)
+        """Wait until the socket is closed; returns False if ``timeout`` ran out first.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
+        """
+        return self._closed_event.wait(check_timeout(timeout))
 
     def _run_or_queue(self, fn: Callable[[], object]) -> None:
         reactor = self.reactor

@@ -88,7 +88,7 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._net import set_nodelay
+from .._net import check_port, check_timeout, set_nodelay
 from ..exceptions import (
     Cancelled,
     ConcurrencyError,
@@ -128,6 +128,8 @@ _TIMEVAL = struct.Struct("@ll")
 _LINGER_ABORT = struct.pack("HH" if sys.platform == "win32" else "ii", 1, 0)
 _MIN_WAIT = 1e-6
 """A receive with no time left still makes one attempt; the kernel rounds this up to a tick."""
+_SECONDS = frozenset({int, float})
+"""The timeout types receive() checks inline, without calling check_timeout (bool is not one of them)."""
 
 _OPEN = State.OPEN
 
@@ -498,7 +500,11 @@ class Connection:
             ConcurrencyError: another thread is receiving on this connection.
             Cancelled: :meth:`cancel` was called, during this receive or before it
                 (messages already received are not delivered any more).
+            ValueError: ``timeout`` is negative or NaN.
+            TypeError: ``timeout`` is not a number.
         """
+        if timeout is not None and not (type(timeout) in _SECONDS and timeout >= 0):
+            check_timeout(timeout)  # raises (or takes an unusual number type); the common case costs no call
         if self._cancelled:
             raise self._cancel_error("receive")
         if not self._recv_lock.acquire(blocking=False):
@@ -749,7 +755,12 @@ class Connection:
 
         Args:
             timeout: seconds to wait for the peer's EOF; default ``limits.close_timeout``.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN (nothing is closed then).
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         try:
             if self.closed:
                 return
@@ -1077,9 +1088,14 @@ def connect(
             handshake magic ...", "connection closed by the peer before its
             authentication hello ...").
         ConnectionClosed: the connection ended otherwise before its stages passed.
-        ValueError: ``auth_key`` is shorter than 16 bytes.
+        ValueError: ``auth_key`` is shorter than 16 bytes; ``port`` is not an int
+            0..65535 (``port 70000: must be 0..65535``); ``connect_timeout`` is
+            negative or NaN.
+        TypeError: ``connect_timeout`` is not a number.
         OSError: any other failure of the last address tried.
     """
+    port = check_port(port)
+    check_timeout(connect_timeout, "connect_timeout")
     if cancel is not None and cancel.cancelled:
         raise Cancelled(f"connecting to {format_address((host, port))} was cancelled")
     staged = ssl is not None or auth_key is not None

@@ -52,7 +52,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from .._net import server_logger
+from .._net import check_callable, check_port, check_timeout, is_async_function, server_logger
 from ..exceptions import ConnectionClosed, InvalidState
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol, State, format_address
@@ -162,9 +162,12 @@ class ThreadedServer:
 
     Raises:
         ValueError: not exactly one of ``handler`` and ``connection_handler``,
-            ``reuse_port`` where it is unavailable, or an ``auth_key`` shorter than
-            16 bytes.
-        TypeError: ``auth_key`` is not bytes, ``ssl`` not an ``SSLContext``.
+            ``reuse_port`` where it is unavailable, an ``auth_key`` shorter than
+            16 bytes, or ``port`` not an int 0..65535 (``port 70000: must be 0..65535``).
+        TypeError: ``handler`` or ``connection_handler`` is not callable
+            (``handler must be callable, got bytes``), ``connection_handler`` is an
+            async function (use :func:`msgsock.aio.serve`), ``auth_key`` is not
+            bytes, ``ssl`` not an ``SSLContext``.
         OSError: the address cannot be resolved or bound.
     """
 
@@ -187,6 +190,16 @@ class ThreadedServer:
     ) -> None:
         if (handler is None) == (connection_handler is None):
             raise ValueError("give exactly one of handler and connection_handler")
+        # Checked here, not by every connection failing (issue 11).
+        if handler is not None:
+            check_callable(handler, "handler")
+        if connection_handler is not None:
+            check_callable(connection_handler, "connection_handler")
+            if is_async_function(connection_handler):  # its coroutine would never be awaited
+                raise TypeError(
+                    "connection_handler of a ThreadedServer must be a plain function, not async def"
+                )
+        port = check_port(port)
         self._handler = handler
         self._connection_handler = connection_handler
         self.frame = frame
@@ -270,7 +283,12 @@ class ThreadedServer:
 
         Args:
             timeout: seconds for the whole drain; default ``limits.shutdown_timeout``.
+
+        Raises:
+            ValueError: ``timeout`` is negative or NaN (the server goes on).
+            TypeError: ``timeout`` is not a number.
         """
+        check_timeout(timeout)
         with self._threads:
             first = not self._stop.is_set()
             self._stop.set()
