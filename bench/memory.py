@@ -146,8 +146,8 @@ def child_idle(trace: bool, use_uvloop: bool) -> int:
     if trace:
         tracemalloc.start()
     import msgsock.aio
+    from msgsock.app.server import HANDLERS
     from msgsock.protocol import Limits
-    from msgsock.server import HANDLERS
 
     async def main() -> None:
         # Like `msgsock serve` (SPEC §6.1) but with room for the measured connections

@@ -25,8 +25,8 @@ import signal
 import sys
 import threading
 
+from msgsock.app.client import escape_text
 from msgsock.callback import AsyncSocket, MessageSocket, Reactor, WouldBlock
-from msgsock.client import escape_text
 
 Event = tuple[str, object]
 

@@ -170,7 +170,7 @@ def test_bad_frame_is_one_line_naming_the_part() -> None:
 
 
 def test_top_level_and_module_usage_errors_are_one_line() -> None:
-    """`msgsock` with no or an unknown command, and `python -m msgsock.stress`, word errors the same way."""
+    """`msgsock` with no or an unknown command, and `python -m msgsock.app.stress`, word errors the same way."""
     done = run_cli()
     assert (
         done.stderr
@@ -180,14 +180,14 @@ def test_top_level_and_module_usage_errors_are_one_line() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("msgsock: error: COMMAND: invalid choice: 'launch'")
     done = subprocess.run(
-        [MSGSOCK[0], "-m", "msgsock.stress", "-c", "0"],
+        [MSGSOCK[0], "-m", "msgsock.app.stress", "-c", "0"],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=unit(30),
     )
     assert done.returncode == 2
-    prog = "python -m msgsock.stress"
+    prog = "python -m msgsock.app.stress"
     assert done.stderr == f"{prog}: error: --connections 0: must be at least 1{_help(prog)}\n"
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from msgsock.server import RESTART_DELAY_MAX, RESTART_DELAY_MIN, ServerConfig, _Supervisor
+from msgsock.app.server import RESTART_DELAY_MAX, RESTART_DELAY_MIN, ServerConfig, _Supervisor
 from tests.cli_helpers import ServerProcess, run_cli, serve
 from tests.helpers import free_loopback6, unit, wait_for
 
@@ -159,8 +159,8 @@ def test_shared_socket_fallback_serves() -> None:
     patched = [
         sys.executable,
         "-c",
-        "import sys, msgsock.server as s; s._PER_WORKER_SOCKETS = False; "
-        "from msgsock.cli import main; sys.exit(main())",
+        "import sys, msgsock.app.server as s; s._PER_WORKER_SOCKETS = False; "
+        "from msgsock.app.cli import main; sys.exit(main())",
     ]
     with serve(*PROCESSES, program=patched) as server:
         assert server.ready.endswith("(processes x 2, u32be)")

@@ -28,7 +28,7 @@ from msgsock.framing import DEFAULT_FORMAT, FrameDecoder, FrameFormat, Message
 
 from .helpers import free_loopback6, unit
 
-STRESS = [sys.executable, "-m", "msgsock.stress"]
+STRESS = [sys.executable, "-m", "msgsock.app.stress"]
 ERROR_KINDS = (
     "lost",
     "duplicated",
@@ -729,7 +729,7 @@ def test_plot_without_matplotlib_is_a_usage_error(make_server: Any, tmp_path: Pa
     """Without matplotlib, --plot exits 2 and says how to install it (before any load is sent)."""
     server = make_server()
     code = (
-        "import sys; sys.modules['matplotlib'] = None; from msgsock import stress; "
+        "import sys; sys.modules['matplotlib'] = None; from msgsock.app import stress; "
         f"sys.exit(stress._main(['--port', '{server.port}', '-n', '5', '--plot', sys.argv[1]]))"
     )
     proc = subprocess.run(
@@ -838,7 +838,7 @@ def test_signal_stops_early_and_reports(make_server: Any, sig: signal.Signals, w
 
 def test_payload_layout_and_matchers() -> None:
     """Bodies start with seq and conn id; the matchers accept exactly the expected reply."""
-    from msgsock import stress as mod
+    from msgsock.app import stress as mod
 
     cfg = mod.StressConfig(size_min=40, size_max=40)
     p = mod._Payloads(cfg)
@@ -861,7 +861,7 @@ def test_payload_layout_and_matchers() -> None:
 
 def test_every_end_kind_counts_under_a_report_kind() -> None:
     """How a connection ended is the core's EndKind; each one counts under one kind of the report."""
-    from msgsock import stress as mod
+    from msgsock.app import stress as mod
     from msgsock.exceptions import EndKind
 
     assert {mod._report_kind(kind) for kind in EndKind} <= set(ERROR_KINDS)
@@ -875,7 +875,7 @@ def test_every_end_kind_counts_under_a_report_kind() -> None:
 
 def test_first_difference() -> None:
     """The byte position reported for a corruption is the first one that differs."""
-    from msgsock.stress import _first_difference
+    from msgsock.app.stress import _first_difference
 
     a = bytes(range(200))
     for i in (0, 1, 99, 199):
@@ -889,7 +889,7 @@ def test_first_difference() -> None:
 def test_stream_windows_hold_the_exact_messages() -> None:
     """The stream-mode window holds, for every message in flight, exactly the encoded message
     (sequence numbers past 2**8, 2**16 and 2**40; connection ids past 2**8; several frames)."""
-    from msgsock import stress as mod
+    from msgsock.app import stress as mod
 
     cases = [(64, "u32be", 16, 16), (1000, "u32be", 16, 256), (13, "u8", 3, 1), (5000, "u16le", 40, 2000)]
     for size, spec, depth, conns in cases:
@@ -922,7 +922,7 @@ def test_stream_windows_hold_the_exact_messages() -> None:
 def test_stream_mode_split_replies_and_fallback() -> None:
     """Replies split anywhere verify in stream mode; a bad byte after a split reply is classified per
     message (the verified half is not lost), and an EOF then aborts exactly what is still owed."""
-    from msgsock import stress as mod
+    from msgsock.app import stress as mod
 
     cfg = mod.StressConfig(size_min=40, size_max=40, depth=4, duration=1000.0)
     w = mod._Worker(cfg, mod._shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))

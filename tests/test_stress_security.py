@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from msgsock.stress import ERROR_KINDS
+from msgsock.app.stress import ERROR_KINDS
 from tests.certs import Pki
 from tests.cli_helpers import run_cli, serve
 from tests.helpers import free_loopback6, unit

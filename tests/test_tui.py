@@ -14,11 +14,11 @@ from rich.style import Style
 from textual.pilot import Pilot
 from textual.widgets import Input, RichLog, Static
 
-from msgsock.client import ClientConfig
+from msgsock.app.client import ClientConfig
+from msgsock.app.tui import LOG_TEXT_LIMIT, ClientApp, MessageEvent, State
 from msgsock.exceptions import MsgsockError
 from msgsock.framing import FrameFormat, Message
 from msgsock.sync import Connection, ThreadedServer
-from msgsock.tui import LOG_TEXT_LIMIT, ClientApp, MessageEvent, State
 from tests.certs import Pki
 from tests.helpers import free_loopback6, unit
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from msgsock.app.udp import run_udp_client, run_udp_server
 from msgsock.exceptions import MessageTooLarge, OversizeMessage, Timeout
 from msgsock.framing import Message
 from msgsock.udp import (
@@ -24,8 +25,6 @@ from msgsock.udp import (
     UdpClient,
     UdpServer,
     open_udp_client,
-    run_udp_client,
-    run_udp_server,
     serve_udp,
 )
 from tests.helpers import free_loopback6, unit, wait_for

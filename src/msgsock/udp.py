@@ -51,7 +51,6 @@ import errno
 import inspect
 import logging
 import selectors
-import signal
 import socket
 import sys
 import threading
@@ -59,7 +58,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, TextIO, TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 from ._net import DEFAULT_LOGGER as DEFAULT_LOGGER
 from ._net import check_callable, check_port, server_logger
@@ -78,8 +77,6 @@ __all__ = [
     "UdpClient",
     "UdpServer",
     "open_udp_client",
-    "run_udp_client",
-    "run_udp_server",
     "serve_udp",
 ]
 
@@ -1194,79 +1191,3 @@ async def open_udp_client(
 
 
 # -- the command line ------------------------------------------------------------------------
-
-
-def run_udp_server(
-    host: str,
-    port: int,
-    handler: Callable[[bytes], bytes | None],
-    *,
-    max_size: int,
-    out: TextIO,
-) -> ServerStatistics:
-    """Serve datagrams until SIGINT or SIGTERM; what ``msgsock serve --udp`` runs (SPEC §6.1).
-
-    Prints one line to ``out`` when ready -- ``listening on HOST:PORT (udp, datagram)``
-    with the real port when 0 was asked -- and nothing else (the caller prints the
-    summary).  Must be called from the main thread (it installs signal handlers,
-    and restores the previous ones on return).
-
-    Returns:
-        The server's statistics.
-
-    Raises:
-        ValueError: ``max_size`` outside 0-65535.
-        OSError: the address cannot be resolved or bound (before the ready line).
-    """
-    server = UdpServer(handler, host, port, max_size=max_size)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.start()
-        print(f"listening on {format_address(server.address)} (udp, datagram)", file=out, flush=True)
-        # A timed wait so the main thread wakes to run the signal handler on every platform.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        for signum, handler_ in previous.items():
-            signal.signal(signum, handler_)
-    return server.statistics()
-
-
-def run_udp_client(
-    host: str,
-    port: int,
-    messages: Iterable[bytes],
-    *,
-    timeout: float,
-    retries: int,
-    max_size: int,
-    out: TextIO,
-) -> int:
-    """Send each message with :meth:`UdpClient.request` and print each reply as text (SPEC §6.2).
-
-    Returns:
-        The number of messages answered.
-
-    Raises:
-        Timeout: a message got no reply after every try (the message says which
-            address, how many tries, and whether the port was unreachable).
-        OversizeMessage: a message is above ``max_size`` (nothing sent).
-        MessageTooLarge: a reply is above ``max_size``.
-        ValueError: bad ``timeout``, ``retries`` or ``max_size``.
-        OSError: the host does not resolve (``socket.gaierror``) or cannot be used.
-    """
-    from .client import escape_text  # the CLI's one way of printing message bytes
-
-    count = 0
-    with UdpClient(host, port, timeout=timeout, retries=retries, max_size=max_size) as client:
-        for message in messages:
-            reply = client.request(message)
-            print(escape_text(reply), file=out, flush=True)
-            count += 1
-    return count

@@ -380,6 +380,7 @@ class _Acceptor:
         for lsock in self.sockets:
             self._loop.remove_reader(lsock.fileno())
             lsock.close()
+        self.sockets = []  # as asyncio.Server: no sockets once closed
 
     async def wait_closed(self) -> None:
         if self._pending:

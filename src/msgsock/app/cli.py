@@ -28,13 +28,14 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, _args
-from .framing import PRESETS, FrameFormat
-from .protocol import DEFAULT_LIMITS, Limits
-from .udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
-from .udp import DEFAULT_RETRIES as UDP_RETRIES
-from .udp import DEFAULT_TIMEOUT as UDP_TIMEOUT
-from .udp import MAX_DATAGRAM as UDP_MAX_DATAGRAM
+from .. import __version__
+from ..framing import PRESETS, FrameFormat
+from ..protocol import DEFAULT_LIMITS, Limits
+from ..udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
+from ..udp import DEFAULT_RETRIES as UDP_RETRIES
+from ..udp import DEFAULT_TIMEOUT as UDP_TIMEOUT
+from ..udp import MAX_DATAGRAM as UDP_MAX_DATAGRAM
+from . import _args
 
 if TYPE_CHECKING:
     from .client import RoundsResult
@@ -90,7 +91,7 @@ def _add_frame_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``msgsock`` argument parser."""
-    # Imported here, not at the top: ``msgsock.stress`` imports this module for the
+    # Imported here, not at the top: ``msgsock.app.stress`` imports this module for the
     # security options and has no use for the server engines.
     from .server import ENGINES
 
@@ -298,7 +299,7 @@ def client_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, by
         raise ValueError("--tls-key needs --tls-cert")
     context = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
-        from .tls import client_context
+        from ..tls import client_context
 
         context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
     return context, read_auth_key(args.auth_key_file)
@@ -312,7 +313,7 @@ def read_auth_key(path: str | None) -> bytes | None:
     """
     if path is None:
         return None
-    from .auth import parse_key_file
+    from ..auth import parse_key_file
 
     try:
         with open(path, "rb") as f:
@@ -584,8 +585,8 @@ def _udp_client(args: argparse.Namespace, *, timeout: float, retries: int, max_s
     Raises:
         _UdpClientError: the host does not resolve, no reply, a size or system error.
     """
-    from .exceptions import MessageTooLarge, OversizeMessage, Timeout
-    from .udp import UdpClient
+    from ..exceptions import MessageTooLarge, OversizeMessage, Timeout
+    from ..udp import UdpClient
 
     where = f"{args.host}:{args.port}"
     try:

@@ -158,14 +158,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from .._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
+from .._net import set_nodelay
+from ..auth import MAGIC as _AUTH_MAGIC
+from ..exceptions import EndKind
+from ..framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameFormat
+from ..protocol import End, MessageProtocol, State, describe_os_error, format_address
+from ..stages import Stage, StageFailure, Stages
 from . import _args
-from ._histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index, bucket_table
-from ._net import set_nodelay
-from .auth import MAGIC as _AUTH_MAGIC
-from .exceptions import EndKind
-from .framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameFormat
-from .protocol import End, MessageProtocol, State, describe_os_error, format_address
-from .stages import Stage, StageFailure, Stages
 
 __all__ = ["ERROR_KINDS", "StressConfig", "configure_parser", "run"]
 
@@ -331,7 +331,7 @@ class StressConfig:
         """
         if not self.tls:
             return None
-        from .tls import client_context
+        from ..tls import client_context
 
         return client_context(self.tls_ca, self.tls_cert, self.tls_key)
 
@@ -3077,7 +3077,7 @@ def _raise_fd_limit(needed: int) -> None:
 
 
 def _prog(args: argparse.Namespace) -> str:
-    """The command's name in error lines: ``msgsock stress`` or ``python -m msgsock.stress``."""
+    """The command's name in error lines: ``msgsock stress`` or ``python -m msgsock.app.stress``."""
     return str(getattr(args, "prog", "msgsock stress"))
 
 
@@ -3172,7 +3172,8 @@ def _silence(stream: TextIO) -> None:
 
 def _main(argv: Sequence[str] | None = None) -> int:
     parser = _args.ArgumentParser(
-        prog="python -m msgsock.stress", description="Verifying load generator (the iocpclient successor)."
+        prog="python -m msgsock.app.stress",
+        description="Verifying load generator (the iocpclient successor).",
     )
     configure_parser(parser)
     parser.set_defaults(prog=parser.prog)
@@ -3181,7 +3182,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Re-import under the package name so worker processes (spawned) find every
-    # function as msgsock.stress.*, not __main__.*.
-    from msgsock import stress as _self
+    # function as msgsock.app.stress.*, not __main__.*.
+    from msgsock.app import stress as _self
 
     sys.exit(_self._main())

@@ -25,8 +25,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from .exceptions import InvalidFormat
-from .framing import DEFAULT_MAX_SIZE, FrameFormat
+from ..exceptions import InvalidFormat
+from ..framing import DEFAULT_MAX_SIZE, FrameFormat
 
 __all__ = [
     "ArgumentParser",

@@ -30,7 +30,7 @@ Round-trip times pair each reply with the oldest unanswered message: an echo ser
 answers in order, one reply per message (SPEC §6.1).  A message that arrives with
 nothing outstanding (a server that pushes) is shown without an RTT.
 
-Received bytes reach the terminal only through :func:`msgsock.client.escape_text`
+Received bytes reach the terminal only through :func:`msgsock.app.client.escape_text`
 (non-printables escaped, long bodies truncated with their length) inside
 :class:`rich.text.Text` objects, so a peer can neither send terminal control
 sequences nor Rich/Textual markup.
@@ -61,12 +61,12 @@ from textual.containers import Horizontal
 from textual.message import Message as UIMessage
 from textual.widgets import Button, Footer, Input, Label, RichLog, Static
 
-from ._histogram import Histogram
-from .callback import MessageSocket, Reactor, TimerHandle
+from .._histogram import Histogram
+from ..callback import MessageSocket, Reactor, TimerHandle
+from ..exceptions import ConnectionClosed, InvalidState, MsgsockError, Timeout
+from ..framing import Message
+from ..protocol import format_address
 from .client import ClientConfig, escape_text
-from .exceptions import ConnectionClosed, InvalidState, MsgsockError, Timeout
-from .framing import Message
-from .protocol import format_address
 
 __all__ = [
     "DEFAULT_LOOP_MESSAGE",
@@ -1027,5 +1027,5 @@ def run_tui(config: ClientConfig) -> int:
     return 0 if result is None else int(result)
 
 
-if __name__ == "__main__":  # pragma: no cover - manual run: python -m msgsock.tui
+if __name__ == "__main__":  # pragma: no cover - manual run: python -m msgsock.app.tui
     sys.exit(run_tui(ClientConfig()))

@@ -21,10 +21,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from .exceptions import ConnectionClosed, HandshakeError, MsgsockError, Timeout
-from .framing import DEFAULT_FORMAT, FrameFormat, Message
-from .protocol import DEFAULT_LIMITS, Limits, format_address
-from .sync import Connection, connect
+from ..exceptions import ConnectionClosed, HandshakeError, MsgsockError, Timeout
+from ..framing import DEFAULT_FORMAT, FrameFormat, Message
+from ..protocol import DEFAULT_LIMITS, Limits, format_address
+from ..sync import Connection, connect
 
 __all__ = ["ClientConfig", "ClientError", "escape_text", "run_lines", "run_rounds"]
 

@@ -8,7 +8,7 @@ engine on its own socket bound to the same port with ``SO_REUSEPORT``, under a
 supervising parent (the iocpserver successor, SPEC §2, §7).  Every engine takes the
 same :class:`ServerConfig`, keeps the same limits, logs the same lines and ends with
 the same summary.  ``ServerConfig(udp=True)`` serves datagrams instead
-(:func:`msgsock.udp.run_udp_server`, SPEC §5.4).
+(:func:`msgsock.app.udp.run_udp_server`, SPEC §5.4).
 
 Life of a run: bind (errors surface before the ready line), print the ready line
 ``listening on HOST:PORT (engine, frame)``, serve until SIGINT or SIGTERM, then shut
@@ -58,12 +58,12 @@ from multiprocessing.connection import wait as wait_any
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .framing import DEFAULT_FORMAT, FrameFormat, Message
-from .protocol import DEFAULT_LIMITS, Limits, format_address
-from .serving import ServerStatistics
+from ..framing import DEFAULT_FORMAT, FrameFormat, Message
+from ..protocol import DEFAULT_LIMITS, Limits, format_address
+from ..serving import ServerStatistics
 
 if TYPE_CHECKING:
-    from . import aio
+    from .. import aio
 
 __all__ = [
     "DRAIN_MARGIN",
@@ -168,7 +168,7 @@ class ServerConfig:
         """
         if self.tls_cert is None:
             return None
-        from .tls import server_context
+        from ..tls import server_context
 
         return server_context(self.tls_cert, self.tls_key, self.tls_client_ca)
 
@@ -245,7 +245,7 @@ async def _serve_asyncio(
     Raises:
         OSError: the address cannot be bound.
     """
-    from . import aio
+    from .. import aio
 
     return await aio.serve(
         # None is aio's built-in echo, which echoes whole frames without re-encoding them.
@@ -262,7 +262,7 @@ async def _serve_asyncio(
 
 
 def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
-    from . import aio
+    from .. import aio
 
     async def main() -> ServerStatistics:
         server = await _serve_asyncio(config)
@@ -287,7 +287,7 @@ def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
 
 
 def _run_threads(config: ServerConfig, out: TextIO) -> ServerStatistics:
-    from .sync import ThreadedServer
+    from ..sync import ThreadedServer
 
     server = ThreadedServer(
         HANDLERS[config.handler],
@@ -706,7 +706,7 @@ def _worker_main(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    from . import aio
+    from .. import aio
 
     try:
         stats = aio.run(_worker_serve(config, pipe, shared))
