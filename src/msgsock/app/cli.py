@@ -633,20 +633,20 @@ def _udp_rounds(
     args: argparse.Namespace, rounds: int, *, timeout: float, retries: int, max_size: int
 ) -> RoundsResult:
     """The MFCAsync loop over datagrams: send, verify the echo, reverse, send back."""
-    from .client import RoundsResult, escape_text
+    from .client import RoundsResult
+    from .reverse import Mismatch, ReverseLoop
 
     rtts: list[float] = []
-    payload = _arg_bytes(args.message)
+    loop = ReverseLoop(_arg_bytes(args.message))
     with _udp_client(args, timeout=timeout, retries=retries, max_size=max_size) as client:
         for n in range(1, rounds + 1):
             start = time.perf_counter()
-            echo = _udp_request(client, payload, f"round {n}", max_size)
+            echo = _udp_request(client, loop.payload, f"round {n}", max_size)
             rtts.append(time.perf_counter() - start)
-            if echo != payload:
-                raise _UdpClientError(
-                    f"mismatch at round {n}: sent '{escape_text(payload, 80)}', got '{escape_text(echo, 80)}'"
-                )
-            payload = payload[::-1]
+            try:
+                loop.verify(echo)
+            except Mismatch as exc:
+                raise _UdpClientError(str(exc)) from None
     return RoundsResult(rounds, rtts)
 
 

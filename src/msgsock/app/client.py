@@ -25,6 +25,8 @@ from ..exceptions import ConnectionClosed, HandshakeError, MsgsockError, Timeout
 from ..framing import DEFAULT_FORMAT, FrameFormat, Message
 from ..protocol import DEFAULT_LIMITS, Limits, format_address
 from ..sync import Connection, connect
+from ._text import escape_text
+from .reverse import Mismatch, ReverseLoop
 
 __all__ = ["ClientConfig", "ClientError", "escape_text", "run_lines", "run_rounds"]
 
@@ -47,21 +49,6 @@ class ClientConfig:
     ssl: ssl_module.SSLContext | None = None
     server_hostname: str | None = None
     auth_key: bytes | None = field(default=None, repr=False)
-
-
-def escape_text(data: bytes, limit: int | None = None) -> str:
-    """Render message bytes for a terminal: UTF-8 text with every non-printable escaped.
-
-    Args:
-        data: the message body.
-        limit: show at most this many characters, then ``… (N bytes)``.
-    """
-    text = data.decode("utf-8", "backslashreplace")
-    shown = text if limit is None or len(text) <= limit else text[:limit]
-    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in shown)
-    if shown is not text:
-        escaped += f"… ({len(data)} bytes)"
-    return escaped
 
 
 def _format_reply(reply: bytes) -> str:
@@ -160,23 +147,22 @@ def run_rounds(config: ClientConfig, rounds: int, first: bytes) -> RoundsResult:
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     rtts: list[float] = []
-    payload = first
+    loop = ReverseLoop(first)
     conn = _connect(config)
     try:
         for n in range(1, rounds + 1):
             what = f"round {n}"
             start = time.perf_counter()
             try:
-                conn.send(payload, config.header or None)
+                conn.send(loop.payload, config.header or None)
             except (ConnectionClosed, OSError) as exc:
                 raise ClientError(f"server disconnected at {what} ({exc})") from None
             echo = _receive(conn, config.reply_timeout, what)
             rtts.append(time.perf_counter() - start)
-            if bytes(echo) != payload:
-                raise ClientError(
-                    f"mismatch at {what}: sent '{escape_text(payload, 80)}', got '{escape_text(echo, 80)}'"
-                )
-            payload = payload[::-1]
+            try:
+                loop.verify(echo)
+            except Mismatch as exc:
+                raise ClientError(str(exc)) from None
     finally:
         conn.close()
     return RoundsResult(rounds, rtts)

@@ -49,7 +49,6 @@ import signal
 import socket
 import ssl
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..framing import DEFAULT_FORMAT, FrameFormat, Message
 from ..protocol import DEFAULT_LIMITS, Limits, format_address
 from ..serving import ServerStatistics
+from ._signals import STOP_SIGNALS, run_until_stopped, stop_signals
 
 if TYPE_CHECKING:
     from .. import aio
@@ -269,7 +269,7 @@ def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
         print(_ready_line(config, server.addresses[0]), file=out, flush=True)
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop.set)
         try:
             await stop.wait()
@@ -298,22 +298,12 @@ def _run_threads(config: ServerConfig, out: TextIO) -> ServerStatistics:
         backlog=config.backlog,
         **config.security(),
     )
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    def start() -> None:
         server.start()
         print(_ready_line(config, server.address), file=out, flush=True)
-        # Event.wait with a timeout so the main thread wakes to run the signal handler.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+    run_until_stopped(start, server.shutdown)
     return server.statistics()
 
 
@@ -458,19 +448,15 @@ class _Supervisor:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
 
-        def on_signal(signum: int, frame: object) -> None:
+        def on_stop() -> None:
             self.stopping = True
             try:  # wake the wait() in the main loop
                 self.wake_w.send(b"\0")
             except OSError:
                 pass
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_signals(on_stop):
             yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _wait_ready(self) -> bool:
         """Wait until every worker listens; False if a stop was asked for meanwhile.

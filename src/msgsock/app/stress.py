@@ -151,7 +151,6 @@ import socket
 import ssl
 import struct
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -166,6 +165,7 @@ from ..framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameFormat
 from ..protocol import End, MessageProtocol, State, describe_os_error, format_address
 from ..stages import Stage, StageFailure, Stages
 from . import _args
+from ._signals import STOP_SIGNALS, stop_signals
 
 __all__ = ["ERROR_KINDS", "StressConfig", "configure_parser", "run"]
 
@@ -2164,8 +2164,8 @@ def _worker_process(cfg: StressConfig, share: _Share, address: tuple[int, Any], 
     def stop(signum: int, frame: Any) -> None:
         worker.stop_requested = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in STOP_SIGNALS:  # a worker process: its handlers live as long as it does
+        signal.signal(signum, stop)
     try:
         worker.control = pipe
         worker.connect_all()
@@ -2379,22 +2379,19 @@ class _Stopper:
     def __init__(self) -> None:
         self.requested = False
         self.targets: list[_Worker] = []
-        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Stopper:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
+        self._signals = stop_signals(self._handle)
+        self._signals.__enter__()
         return self
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self) -> None:
         self.requested = True
         for w in self.targets:
             w.stop_requested = True
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._signals.__exit__(None, None, None)
 
 
 def _run_inprocess(

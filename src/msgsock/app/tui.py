@@ -67,6 +67,7 @@ from ..exceptions import ConnectionClosed, InvalidState, MsgsockError, Timeout
 from ..framing import Message
 from ..protocol import format_address
 from .client import ClientConfig, escape_text
+from .reverse import Mismatch, ReverseLoop
 
 __all__ = [
     "DEFAULT_LOOP_MESSAGE",
@@ -306,7 +307,7 @@ class NetworkClient:
         self._dropped = 0
         self._notified = False
         self._loop_hist = Histogram()  # guarded by _lock too: the UI reads percentiles
-        self._loop_rounds = 0
+        self._loop = ReverseLoop(b"")  # the rounds verified, the payload in flight
         self._loop_running = False
         self._loop_start = 0.0
         # Written on the reactor thread only; plain ints, read by the UI for display.
@@ -408,7 +409,7 @@ class NetworkClient:
             hist.add_summary(
                 self._loop_hist.count, self._loop_hist.total, self._loop_hist.min, self._loop_hist.max
             )
-            rounds, running, start = self._loop_rounds, self._loop_running, self._loop_start
+            rounds, running, start = self._loop.rounds, self._loop_running, self._loop_start
         elapsed = time.perf_counter() - start if start else 0.0
         p50, p99 = hist.percentiles([50, 99])
         return LoopStats(running, rounds, elapsed, p50 / 1e9, p99 / 1e9)
@@ -548,17 +549,17 @@ class NetworkClient:
 
     def _loop_echo(self, pending: _Pending, echo: bytes, rtt: float) -> None:
         # The MFCAsync flow (seed 002, steps 5-6): verify the echo, reverse it, send it back.
-        if echo != pending.payload:
+        # pending.payload is the loop's payload in flight: the loop sends only that.
+        try:
             with self._lock:
-                round_ = self._loop_rounds + 1
-            self._emit(MismatchEvent(time.time(), round_, pending.payload, echo))
-            self._stop_loop(f"mismatch at round {round_}")
+                after = self._loop.verify(echo)
+                self._loop_hist.record(int(rtt * 1e9))
+        except Mismatch as exc:
+            self._emit(MismatchEvent(time.time(), exc.round, exc.sent, exc.got))
+            self._stop_loop(f"mismatch at round {exc.round}")
             return
-        with self._lock:
-            self._loop_rounds += 1
-            self._loop_hist.record(int(rtt * 1e9))
         if self._loop_running:
-            self._send(echo[::-1], loop=True)
+            self._send(after, loop=True)
 
     def _start_loop(self, first: bytes) -> None:
         if self._sock is None or self.state is not State.CONNECTED:
@@ -568,7 +569,7 @@ class NetworkClient:
             return
         with self._lock:
             self._loop_hist = Histogram()
-            self._loop_rounds = 0
+            self._loop = ReverseLoop(first)
             self._loop_running = True
             self._loop_start = time.perf_counter()
         self._emit(LoopEvent(time.time(), True, self.loop_stats(), first=first))

@@ -5,15 +5,14 @@ The datagram endpoints themselves are the library's :mod:`msgsock.udp`.
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from ..protocol import format_address
 from ..serving import ServerStatistics
 from ..udp import UdpClient, UdpServer
-from .client import escape_text
+from ._signals import run_until_stopped
+from ._text import escape_text
 
 __all__ = ["run_udp_client", "run_udp_server"]
 
@@ -41,22 +40,12 @@ def run_udp_server(
         OSError: the address cannot be resolved or bound (before the ready line).
     """
     server = UdpServer(handler, host, port, max_size=max_size)
-    stop = threading.Event()
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    def start() -> None:
         server.start()
         print(f"listening on {format_address(server.address)} (udp, datagram)", file=out, flush=True)
-        # A timed wait so the main thread wakes to run the signal handler on every platform.
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.shutdown()
-        for signum, handler_ in previous.items():
-            signal.signal(signum, handler_)
+
+    run_until_stopped(start, server.shutdown)
     return server.statistics()
 
 
