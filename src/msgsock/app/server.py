@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ..framing import DEFAULT_FORMAT, FrameFormat, Message
 from ..protocol import DEFAULT_LIMITS, Limits, format_address
 from ..serving import ServerStatistics
+from ..udp import DEFAULT_MAX_SIZE as DEFAULT_UDP_MAX_SIZE
 from ._signals import STOP_SIGNALS, run_until_stopped, stop_signals
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ __all__ = [
     "run_server",
 ]
 
-UDP_MAX_SIZE = 65507
+UDP_MAX_SIZE = DEFAULT_UDP_MAX_SIZE
 """Default ``max_datagram_size``: the largest UDP payload over IPv4 (as ``msgsock.udp``)."""
 
 MAX_WORKERS = 1024

@@ -164,6 +164,7 @@ from ..exceptions import EndKind
 from ..framing import DEFAULT_FORMAT, DEFAULT_MAX_SIZE, PRESETS, FrameFormat
 from ..protocol import End, MessageProtocol, State, describe_os_error, format_address
 from ..stages import Stage, StageFailure, Stages
+from ..udp import DEFAULT_MAX_SIZE as DEFAULT_UDP_MAX_SIZE
 from . import _args
 from ._signals import STOP_SIGNALS, stop_signals
 
@@ -207,7 +208,7 @@ _ID_SIZE = _ID.size
 _ID_CID = 8  # where the connection id starts in the id
 _monotonic_ns = time.monotonic_ns
 _PATTERN_SEED = 0x6D736773  # "msgs": the pattern is the same in every run and every version
-_UDP_MAX = 65507  # largest UDP payload over IPv4
+_UDP_MAX = DEFAULT_UDP_MAX_SIZE  # the library's: the largest UDP payload over IPv4
 _BIG = 32 * 1024  # bodies at least this large are written from the pattern without a copy
 _TAILS_MAX = 4096  # fixed sizes up to 12 + this use 256 prebuilt tails (at most 1 MiB)
 _RECV_SIZE = 256 * 1024
