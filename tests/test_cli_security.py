@@ -139,3 +139,14 @@ def test_proxy_protocol_logs_the_proxied_client(engine: str, version: Literal[1,
         assert "connection from 203.0.113.7:40000" in server.log
         assert server.stop() == 0
         assert "Traceback" not in server.log
+
+
+def test_tls_file_errors_name_the_option(tmp_path: Path) -> None:
+    """The library names the argument; the command line words it with the option given."""
+    missing = str(tmp_path / "gone.pem")
+    done = run_cli("serve", "--port", "0", "--tls-cert", missing)
+    assert done.returncode == 2
+    assert f"--tls-cert: {missing}: no such file" in done.stderr
+    done = run_cli("client", "--tls-ca", missing, "--send", "x")
+    assert done.returncode == 2
+    assert f"--tls-ca: {missing}: no such file" in done.stderr

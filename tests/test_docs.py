@@ -56,6 +56,7 @@ REFERENCE_MODULES = (
     "msgsock.archive",
     "msgsock.proxy",
     "msgsock.auth",
+    "msgsock.tls",
     "msgsock.sync",
     "msgsock.aio",
     "msgsock.callback",

@@ -4,6 +4,10 @@ Both sides require TLS 1.2 or newer and use the ``ssl`` module's default cipher
 choices.  A server given a client CA requires and verifies client certificates
 (mutual TLS).  A client verifies the server's certificate and host name against the
 system's trust store, or against ``ca`` when given.
+
+A file that is missing or cannot be loaded is a :class:`TLSFileError` (a
+``ValueError``) that names the argument it came from and the path, so a caller --
+the command line, a configuration loader -- can word it in its own terms.
 """
 
 from __future__ import annotations
@@ -11,31 +15,56 @@ from __future__ import annotations
 import os
 import ssl
 
-__all__ = ["client_context", "server_context"]
+__all__ = ["TLSFileError", "client_context", "server_context"]
+
+_WHAT = {
+    "cert": "certificate",
+    "key": "private key",
+    "ca": "CA certificates",
+    "client_ca": "client CA certificates",
+}
 
 
-def _exists(path: str, what: str) -> None:
+class TLSFileError(ValueError):
+    """A certificate, key or CA file is missing or cannot be loaded.
+
+    Attributes:
+        argument: the parameter the path was given as: ``"cert"``, ``"key"``, ``"ca"``
+            or ``"client_ca"``.
+        path: the path as given.
+        problem: what is wrong with it (``"no such file"``, the ``ssl`` module's reason).
+    """
+
+    def __init__(self, argument: str, path: str, problem: str) -> None:
+        self.argument = argument
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{_WHAT.get(argument, argument)} {path}: {problem}")
+
+
+def _exists(path: str, argument: str) -> None:
     # The ssl module's FileNotFoundError does not name the file; say which one it is.
     if not os.path.isfile(path):
-        raise ValueError(f"{what}: {path}: no such file")
+        raise TLSFileError(argument, path, "no such file")
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: str, key: str | None, what: str) -> None:
-    _exists(cert, what)
+def _load_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
+    _exists(cert, "cert")
     if key is not None:
-        _exists(key, "--tls-key")
+        _exists(key, "key")
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"{what}: cannot load certificate {cert!r} / key {key!r}: {exc}") from None
+        with_key = f" with key {key}" if key is not None else ""
+        raise TLSFileError("cert", cert, f"cannot load the certificate{with_key}: {exc}") from None
 
 
-def _load_ca(ctx: ssl.SSLContext, ca: str, what: str) -> None:
-    _exists(ca, what)
+def _load_ca(ctx: ssl.SSLContext, ca: str, argument: str) -> None:
+    _exists(ca, argument)
     try:
         ctx.load_verify_locations(cafile=ca)
     except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"{what}: cannot load CA certificates from {ca!r}: {exc}") from None
+        raise TLSFileError(argument, ca, f"cannot load CA certificates: {exc}") from None
 
 
 def server_context(cert: str, key: str | None = None, client_ca: str | None = None) -> ssl.SSLContext:
@@ -48,13 +77,13 @@ def server_context(cert: str, key: str | None = None, client_ca: str | None = No
             certificate is required (mutual TLS).
 
     Raises:
-        ValueError: a file is missing or not a valid certificate or key.
+        TLSFileError: a file is missing or not a valid certificate or key.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, cert, key, "--tls-cert")
+    _load_chain(ctx, cert, key)
     if client_ca is not None:
-        _load_ca(ctx, client_ca, "--tls-client-ca")
+        _load_ca(ctx, client_ca, "client_ca")
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -68,14 +97,14 @@ def client_context(ca: str | None = None, cert: str | None = None, key: str | No
         key: its private key; None when ``cert`` holds it too.
 
     Raises:
-        ValueError: a file is missing or not a valid certificate or key.
+        TLSFileError: a file is missing or not a valid certificate or key.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the certificate and host name
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if ca is not None:
-        _load_ca(ctx, ca, "--tls-ca")
+        _load_ca(ctx, ca, "ca")
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if cert is not None:
-        _load_chain(ctx, cert, key, "--tls-cert")
+        _load_chain(ctx, cert, key)
     return ctx

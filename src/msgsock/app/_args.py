@@ -12,6 +12,13 @@ option and the value in front of it.  :func:`frame_with_max_size` and
 :func:`check_header` are the checks of ``--max-size`` and ``--header`` against
 ``--frame`` that serve, client and stress share, made before anything connects or
 listens.
+
+The options more than one command takes are defined here, once: the frame options
+(:func:`add_frame_options`), the server's limits (:func:`add_limit_options`,
+:func:`limits_of`), the server's and the clients' TLS and shared-key options
+(:func:`add_server_security_options`, :func:`add_client_security_options`,
+:func:`client_security`, :func:`read_auth_key`), and how a TLS file error is worded
+in the options' terms (:func:`tls_file_message`).
 """
 
 from __future__ import annotations
@@ -23,25 +30,38 @@ import shlex
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..exceptions import InvalidFormat
-from ..framing import DEFAULT_MAX_SIZE, FrameFormat
+from ..framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
+from ..protocol import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
+    "LIMIT_OPTIONS",
     "ArgumentParser",
     "UsageError",
+    "add_client_security_options",
+    "add_frame_options",
+    "add_limit_options",
+    "add_server_security_options",
     "byte_size",
     "check_header",
+    "client_security",
     "frame",
     "frame_with_max_size",
     "header_field",
+    "limits_of",
     "non_negative_float",
     "non_negative_int",
     "port",
     "positive_float",
     "positive_int",
+    "read_auth_key",
     "server_port",
+    "tls_file_message",
     "usage_error",
     "whole_number",
 ]
@@ -299,3 +319,161 @@ def check_header(frame: FrameFormat, header: Mapping[str, int]) -> None:
                 raise UsageError(
                     f"--header {f.name}={header[f.name]}: field {f.name}:{f.code} holds {low}..{high}"
                 )
+
+
+# -- the options several commands share -------------------------------------------------------
+
+FRAME_HELP = (
+    f"frame format: a preset ({', '.join(PRESETS)}) or a format string such as "
+    "'u32be+kind:B+flags:H', 'magic:H+u16be' or 'u32be!' (length counts the header); default u32be"
+)
+
+
+def add_frame_options(p: argparse.ArgumentParser, *, max_size_help: str | None = None) -> None:
+    """Add ``--frame`` and ``--max-size`` (checked together by :func:`frame_with_max_size`)."""
+    p.add_argument("--frame", type=frame, default=None, help=FRAME_HELP)
+    p.add_argument(
+        "--max-size",
+        type=byte_size,
+        default=None,
+        metavar="BYTES",
+        help=max_size_help or "largest message body accepted or sent (default 16MiB)",
+    )
+
+
+LIMIT_OPTIONS = (
+    "max_connections",
+    "idle_timeout",
+    "message_timeout",
+    "handshake_timeout",
+    "shutdown_timeout",
+)
+"""The attributes :func:`add_limit_options` adds, as :class:`~msgsock.protocol.Limits` names them."""
+
+
+def add_limit_options(p: argparse.ArgumentParser, *, per_worker: bool = False) -> None:
+    """Add a server's limits (SPEC §7): ``--max-connections`` and the four timeouts."""
+    where = "; per worker with processes" if per_worker else ""
+    p.add_argument(
+        "--max-connections",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"more are closed at once (default {DEFAULT_LIMITS.max_connections}{where})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=non_negative_float,
+        default=None,
+        metavar="S",
+        help=f"close a connection that sends nothing for S seconds (default {DEFAULT_LIMITS.idle_timeout:g}; 0 = off)",
+    )
+    p.add_argument(
+        "--message-timeout",
+        type=non_negative_float,
+        default=None,
+        metavar="S",
+        help=f"a started message must complete within S (default {DEFAULT_LIMITS.message_timeout:g}; 0 = off)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=non_negative_float,
+        default=None,
+        metavar="S",
+        help="the PROXY header, TLS and authentication must complete within S "
+        f"(default {DEFAULT_LIMITS.handshake_timeout:g})",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_float,
+        default=None,
+        metavar="S",
+        help=f"graceful shutdown deadline (default {DEFAULT_LIMITS.shutdown_timeout:g})",
+    )
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The :class:`~msgsock.protocol.Limits` of the limit options given (the library's defaults else)."""
+    given = {name: getattr(args, name) for name in LIMIT_OPTIONS if getattr(args, name) is not None}
+    return Limits(**given)
+
+
+def add_server_security_options(p: argparse.ArgumentParser) -> None:
+    """Add the server's TLS, shared-key and PROXY protocol options (SPEC §4.2, §7)."""
+    p.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
+    p.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by these CAs (mutual TLS)"
+    )
+    p.add_argument(
+        "--auth-key-file", metavar="FILE", help="require the shared-key handshake (docs/handshake.md)"
+    )
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="require a PROXY protocol v1/v2 header (behind HAProxy); log the real client address",
+    )
+
+
+def add_client_security_options(p: argparse.ArgumentParser) -> None:
+    """Add the clients' TLS and shared-key options (SPEC §4.2, §7): client and stress."""
+    p.add_argument("--tls", action="store_true", help="connect with TLS (verifying the server)")
+    p.add_argument(
+        "--tls-ca", metavar="FILE", help="trust these CA certificates instead of the system's (implies --tls)"
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (implies --tls)")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate")
+    p.add_argument("--auth-key-file", metavar="FILE", help="answer the server's shared-key handshake")
+
+
+# The option each TLSFileError.argument of msgsock.tls was given as.
+_TLS_OPTIONS = {"cert": "--tls-cert", "key": "--tls-key", "ca": "--tls-ca", "client_ca": "--tls-client-ca"}
+
+
+def tls_file_message(exc: ValueError) -> str:
+    """``exc`` worded for the command line: ``--tls-cert: FILE: no such file``."""
+    from ..tls import TLSFileError
+
+    if isinstance(exc, TLSFileError):
+        return f"{_TLS_OPTIONS.get(exc.argument, exc.argument)}: {exc.path}: {exc.problem}"
+    return str(exc)
+
+
+def client_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None]:
+    """The TLS context and shared key the client options ask for.
+
+    Raises:
+        ValueError: an unreadable or invalid file (worded with its option), or
+            ``--tls-key`` without ``--tls-cert``.
+    """
+    if args.tls_key and not args.tls_cert:
+        raise ValueError("--tls-key needs --tls-cert")
+    context = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
+        from ..tls import client_context
+
+        try:
+            context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
+        except ValueError as exc:
+            raise ValueError(tls_file_message(exc)) from None
+    return context, read_auth_key(args.auth_key_file)
+
+
+def read_auth_key(path: str | None) -> bytes | None:
+    """The shared key in the file at ``path`` (None for no file).
+
+    Raises:
+        ValueError: the file cannot be read or holds too short a key.
+    """
+    if path is None:
+        return None
+    from ..auth import parse_key_file
+
+    try:
+        with open(path, "rb") as f:
+            return parse_key_file(f.read())
+    except OSError as exc:
+        raise ValueError(f"--auth-key-file: {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"--auth-key-file: {path}: {exc}") from None

@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -29,8 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
-from ..framing import PRESETS, FrameFormat
-from ..protocol import DEFAULT_LIMITS, Limits
+from ..framing import FrameFormat
 from ..udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
 from ..udp import DEFAULT_RETRIES as UDP_RETRIES
 from ..udp import DEFAULT_TIMEOUT as UDP_TIMEOUT
@@ -41,11 +39,6 @@ if TYPE_CHECKING:
     from .client import RoundsResult
 
 __all__ = ["main"]
-
-_FRAME_HELP = (
-    f"frame format: a preset ({', '.join(PRESETS)}) or a format string such as "
-    "'u32be+kind:B+flags:H', 'magic:H+u16be' or 'u32be!' (length counts the header); default u32be"
-)
 
 
 # -- logging ---------------------------------------------------------------------------------
@@ -79,13 +72,8 @@ def _setup_logging(level: str, as_json: bool) -> None:
 
 
 def _add_frame_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frame", type=_args.frame, default=None, help=_FRAME_HELP)
-    p.add_argument(
-        "--max-size",
-        type=_args.byte_size,
-        default=None,
-        metavar="BYTES",
-        help=f"largest message body accepted or sent (default 16MiB; {UDP_MAX_SIZE} with --udp)",
+    _args.add_frame_options(
+        p, max_size_help=f"largest message body accepted or sent (default 16MiB; {UDP_MAX_SIZE} with --udp)"
     )
 
 
@@ -142,54 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the server replies (default echo)",
     )
     _add_frame_options(serve)
-    serve.add_argument(
-        "--max-connections",
-        type=_args.non_negative_int,
-        default=None,
-        metavar="N",
-        help=f"more are closed at once (default {DEFAULT_LIMITS.max_connections}; per worker with processes)",
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        type=_args.non_negative_float,
-        default=None,
-        metavar="S",
-        help="close a connection that sends nothing for S seconds (default 300; 0 = off)",
-    )
-    serve.add_argument(
-        "--message-timeout",
-        type=_args.non_negative_float,
-        default=None,
-        metavar="S",
-        help="a started message must complete within S (default 30; 0 = off)",
-    )
-    serve.add_argument(
-        "--handshake-timeout",
-        type=_args.non_negative_float,
-        default=None,
-        metavar="S",
-        help="the PROXY header, TLS and authentication must complete within S (default 10)",
-    )
-    serve.add_argument(
-        "--shutdown-timeout",
-        type=_args.non_negative_float,
-        default=None,
-        metavar="S",
-        help="graceful shutdown deadline (default 5)",
-    )
-    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
-    serve.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
-    serve.add_argument(
-        "--tls-client-ca", metavar="FILE", help="require client certificates signed by these CAs (mutual TLS)"
-    )
-    serve.add_argument(
-        "--auth-key-file", metavar="FILE", help="require the shared-key handshake (docs/handshake.md)"
-    )
-    serve.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        help="require a PROXY protocol v1/v2 header (behind HAProxy); log the real client address",
-    )
+    _args.add_limit_options(serve, per_worker=True)
+    _args.add_server_security_options(serve)
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     serve.add_argument("--json", action="store_true", help="log JSON lines")
 
@@ -251,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="TCP connect deadline (default 10)",
     )
-    add_client_security_options(client)
+    _args.add_client_security_options(client)
     ui = client.add_mutually_exclusive_group()
     ui.add_argument(
         "--tui", action="store_true", help="force the interactive client (the default on a terminal)"
@@ -274,72 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- security options (shared by client and stress) ------------------------------------------
-
-
-def add_client_security_options(p: argparse.ArgumentParser) -> None:
-    """Add the client's TLS and authentication options (SPEC §4.2, §7) to ``p``."""
-    p.add_argument("--tls", action="store_true", help="connect with TLS (verifying the server)")
-    p.add_argument(
-        "--tls-ca", metavar="FILE", help="trust these CA certificates instead of the system's (implies --tls)"
-    )
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (implies --tls)")
-    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (if not in it)")
-    p.add_argument("--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate")
-    p.add_argument("--auth-key-file", metavar="FILE", help="answer the server's shared-key handshake")
-
-
-def client_security(args: argparse.Namespace) -> tuple[ssl.SSLContext | None, bytes | None]:
-    """The TLS context and authentication key the client options ask for.
-
-    Raises:
-        ValueError: an unreadable or invalid file, or --tls-key without --tls-cert.
-    """
-    if args.tls_key and not args.tls_cert:
-        raise ValueError("--tls-key needs --tls-cert")
-    context = None
-    if args.tls or args.tls_ca or args.tls_cert or args.tls_server_name:
-        from ..tls import client_context
-
-        context = client_context(args.tls_ca, args.tls_cert, args.tls_key)
-    return context, read_auth_key(args.auth_key_file)
-
-
-def read_auth_key(path: str | None) -> bytes | None:
-    """The shared key in the file at ``path`` (None for no file).
-
-    Raises:
-        ValueError: the file cannot be read or holds too short a key.
-    """
-    if path is None:
-        return None
-    from ..auth import parse_key_file
-
-    try:
-        with open(path, "rb") as f:
-            return parse_key_file(f.read())
-    except OSError as exc:
-        raise ValueError(f"--auth-key-file: {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"--auth-key-file: {path}: {exc}") from None
-
-
 # -- commands --------------------------------------------------------------------------------
-
-
-_LIMIT_OPTIONS = (
-    "max_connections",
-    "idle_timeout",
-    "message_timeout",
-    "handshake_timeout",
-    "shutdown_timeout",
-)
-
-
-def _limits(args: argparse.Namespace) -> Limits:
-    # None: not given on the command line, so the library default (SPEC §7).
-    given = {name: getattr(args, name) for name in _LIMIT_OPTIONS if getattr(args, name) is not None}
-    return Limits(**given)
 
 
 def _option(name: str) -> str:
@@ -406,7 +283,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     max_datagram = UDP_MAX_SIZE
     if args.udp:
         # A datagram is one message: no frame header, no connections, one engine (SPEC §6.1).
-        conflicts = _udp_conflicts(args, ("workers", *_LIMIT_OPTIONS))
+        conflicts = _udp_conflicts(args, ("workers", *_args.LIMIT_OPTIONS))
         if conflicts:
             return usage(
                 f"--udp cannot be combined with {', '.join(conflicts)} "
@@ -432,8 +309,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return usage("--tls-key and --tls-client-ca need --tls-cert")
     try:
         frame = _frame_of(args)
-        limits = _limits(args)
-        auth_key = read_auth_key(args.auth_key_file)
+        limits = _args.limits_of(args)
+        auth_key = _args.read_auth_key(args.auth_key_file)
     except (ValueError, _args.UsageError) as exc:
         return usage(str(exc))
     config = ServerConfig(
@@ -455,7 +332,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config.ssl_context()  # a bad certificate is a usage error, before anything listens
     except ValueError as exc:
-        return usage(str(exc))
+        return usage(_args.tls_file_message(exc))
     try:
         run_server(config)
     except OSError as exc:
@@ -488,7 +365,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         # connection failure): the frame's size limit and each --header value.
         frame = _frame_of(args)
         _args.check_header(frame, header)
-        context, auth_key = client_security(args)
+        context, auth_key = _args.client_security(args)
     except (ValueError, _args.UsageError) as exc:
         return usage(str(exc))
     config = ClientConfig(

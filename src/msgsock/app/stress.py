@@ -2971,7 +2971,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no live output")
     # The same TLS and authentication options as `msgsock client` (SPEC §4.2, §7).  Imported
     # here, not at the top: cli imports this module to build its parser.
-    from .cli import add_client_security_options
+    from ._args import add_client_security_options
 
     add_client_security_options(parser)
 
@@ -3009,7 +3009,7 @@ def _config(args: argparse.Namespace) -> StressConfig:
     tls = bool(args.tls or args.tls_ca or args.tls_cert or args.tls_server_name)
     if args.udp and (tls or args.tls_key or args.auth_key_file):
         raise _UsageError("--udp cannot be combined with TLS or --auth-key-file (datagrams have neither)")
-    from .cli import client_security
+    from ._args import client_security
 
     try:
         # Checks the files once here (a usage error), though every worker builds its own
