@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import inspect
 import itertools
+import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -1313,18 +1314,34 @@ def test_default_limits_match_spec() -> None:
         ({"write_high_water": -1}, "write_high_water"),
         ({"write_low_water": -1}, "write_low_water"),
         ({"max_connections": -5}, "max_connections"),
-        ({"max_threads": 1.5}, "max_threads"),
         ({"write_high_water": 10, "write_low_water": 11}, "above write_high_water"),
         ({"idle_timeout": -1.0}, "idle_timeout"),
         ({"message_timeout": -0.1}, "message_timeout"),
         ({"handshake_timeout": -2}, "handshake_timeout"),
         ({"close_timeout": -1}, "close_timeout"),
         ({"shutdown_timeout": -1}, "shutdown_timeout"),
+        ({"idle_timeout": math.nan}, "idle_timeout must be >= 0 or None, not nan"),
+        ({"shutdown_timeout": math.nan}, "shutdown_timeout must be >= 0, not nan"),
     ],
 )
 def test_limits_validation(kwargs: dict[str, float], pattern: str) -> None:
-    """Negative limits, non-integer counts and low water above high water raise ValueError naming the limit."""
+    """Negative or NaN limits and low water above high water raise ValueError naming the limit."""
     with pytest.raises(ValueError, match=pattern):
+        Limits(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"max_threads": 1.5}, "max_threads must be an int, got float"),
+        ({"max_connections": True}, "max_connections must be an int, got bool"),
+        ({"idle_timeout": "30"}, "idle_timeout must be a number of seconds or None, got str"),
+        ({"close_timeout": None}, "close_timeout must be a number of seconds, got NoneType"),
+    ],
+)
+def test_limits_types(kwargs: dict[str, object], pattern: str) -> None:
+    """A limit of the wrong type is a TypeError naming the limit and the type received."""
+    with pytest.raises(TypeError, match=pattern):
         Limits(**kwargs)  # type: ignore[arg-type]
 
 

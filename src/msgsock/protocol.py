@@ -114,7 +114,8 @@ class Limits:
         max_threads: thread cap of the thread-per-connection server (1,000).
 
     Raises:
-        ValueError: a negative value, or low water above high water.
+        ValueError: a negative or NaN value, or low water above high water.
+        TypeError: a value that is not a number (a bool neither).
     """
 
     write_high_water: int = 256 * 1024
@@ -130,21 +131,33 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("write_high_water", "write_low_water", "max_connections", "max_threads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
                 raise ValueError(f"{name} must be a non-negative int, not {value!r}")
         if self.write_low_water > self.write_high_water:
             raise ValueError(
                 f"write_low_water {self.write_low_water} is above write_high_water {self.write_high_water}"
             )
-        for name in ("idle_timeout", "message_timeout", "handshake_timeout"):
+        for name in (
+            "idle_timeout",
+            "message_timeout",
+            "handshake_timeout",
+            "close_timeout",
+            "shutdown_timeout",
+        ):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None, not {value!r}")
-            if value == 0:  # 0 means off, as on the command line
+            optional = name in ("idle_timeout", "message_timeout", "handshake_timeout")
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                none = " or None" if optional else ""
+                raise TypeError(f"{name} must be a number of seconds{none}, got {type(value).__name__}")
+            # NaN compares false with everything: it would switch the timeout off unnoticed.
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0{' or None' if optional else ''}, not {value!r}")
+            if value == 0 and optional:  # 0 means off, as on the command line
                 object.__setattr__(self, name, None)
-        for name in ("close_timeout", "shutdown_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, not {getattr(self, name)!r}")
 
 
 DEFAULT_LIMITS = Limits()
