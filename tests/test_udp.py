@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import math
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from msgsock.udp import (
     open_udp_client,
     serve_udp,
 )
+from msgsock.udp.core import DatagramServerProtocol
 from tests.helpers import free_loopback6, unit, wait_for
 
 T = TypeVar("T")
@@ -371,10 +373,10 @@ def two_addresses(port: int) -> list[tuple[int, Any]]:
 @pytest.mark.skipif(not free_loopback6(), reason="IPv6 loopback (::1) is not available")
 def test_sync_refused_address_gives_way_to_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     """A host's addresses are tried in order: one whose port is unreachable gives way to the next."""
-    import msgsock.udp
+    from msgsock.udp import _endpoint
 
     with UdpServer(reverse, "127.0.0.1", 0) as server:
-        monkeypatch.setattr(msgsock.udp, "_resolve", lambda host, port, family: two_addresses(port))
+        monkeypatch.setattr(_endpoint, "resolve", lambda host, port, family: two_addresses(port))
         with UdpClient("dual", server.port, timeout=unit(2), retries=0) as client:
             assert client.server_address[0] == "::1"
             assert client.request(b"ipv4 after all") == b"lla retfa 4vpi"
@@ -424,12 +426,175 @@ def test_sync_server_lifecycle() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"timeout": 0}, {"timeout": -1.0}, {"retries": -1}, {"max_size": 70000}, {"max_size": -1}],
+    [
+        {"timeout": 0},
+        {"timeout": -1.0},
+        {"timeout": math.nan},
+        {"timeout": math.inf},
+        {"retries": -1},
+        {"max_size": 70000},
+        {"max_size": -1},
+    ],
 )
 def test_bad_options_are_value_errors(kwargs: dict[str, Any]) -> None:
-    """Impossible timeouts, retry counts and sizes are rejected at construction."""
-    with pytest.raises(ValueError):
+    """Impossible timeouts, retry counts and sizes are rejected at construction, naming the argument and value."""
+    (name, value), *_ = kwargs.items()
+    with pytest.raises(ValueError, match=rf"^{name} {re.escape(repr(value))}: must be"):
         UdpClient("127.0.0.1", 9, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"timeout": "1"}, r"^timeout must be a number of seconds, got str$"),
+        ({"retries": 2.0}, r"^retries must be an int, got float$"),
+        ({"max_size": "100"}, r"^max_size must be an int, got str$"),
+    ],
+)
+def test_wrong_typed_options_are_type_errors(kwargs: dict[str, Any], match: str) -> None:
+    """An option of the wrong type is a TypeError naming it, before any name is resolved."""
+    with pytest.raises(TypeError, match=match):
+        UdpClient("no-such-host.invalid", 9, **kwargs)
+    if "max_size" in kwargs:
+        with pytest.raises(TypeError, match=match):
+            UdpServer(reverse, "127.0.0.1", 0, max_size=kwargs["max_size"])
+
+
+def test_server_max_size_is_checked_before_binding() -> None:
+    """UdpServer(max_size=70000) names the value and the bound; nothing is bound."""
+    with pytest.raises(ValueError, match=r"^max_size 70000: must be 0\.\.65535, the largest UDP payload$"):
+        UdpServer(reverse, "127.0.0.1", 0, max_size=70000)
+
+
+BAD_WAITS: list[tuple[Any, type[Exception], str]] = [
+    (-1, ValueError, r"^timeout -1: must be >= 0 seconds or None$"),
+    (math.nan, ValueError, r"^timeout nan: must be >= 0 seconds or None$"),
+    ("1", TypeError, r"^timeout must be a number of seconds or None, got str$"),
+    (True, TypeError, r"^timeout must be a number of seconds or None, got bool$"),
+]
+
+
+@pytest.mark.parametrize(("timeout", "error", "match"), BAD_WAITS, ids=[repr(t) for t, _, _ in BAD_WAITS])
+def test_sync_shutdown_refuses_a_bad_timeout_and_serves_on(
+    timeout: Any, error: type[Exception], match: str
+) -> None:
+    """shutdown(timeout=-1, nan, "1") is refused at the call; the server goes on serving."""
+    with UdpServer(reverse, "127.0.0.1", 0) as server:
+        with pytest.raises(error, match=match):
+            server.shutdown(timeout)
+        with UdpClient("127.0.0.1", server.port, timeout=unit(2)) as client:
+            assert client.request(b"still here") == b"ereh llits"
+
+
+@pytest.mark.parametrize(("timeout", "error", "match"), BAD_WAITS, ids=[repr(t) for t, _, _ in BAD_WAITS])
+def test_sync_receive_from_refuses_a_bad_timeout(timeout: Any, error: type[Exception], match: str) -> None:
+    """receive_from(timeout=-1, nan, "1") is refused at the call, and nothing queued is lost."""
+    with UdpServer(reverse, "127.0.0.1", 0) as server, UdpClient("127.0.0.1", server.port) as client:
+        client.send_to(b"kept")
+        with pytest.raises(error, match=match):
+            client.receive_from(timeout)
+        assert client.receive_from(unit(2))[0] == b"tpek"
+
+
+def test_sync_receive_from_zero_and_infinite_waits(sockets: list[socket.socket]) -> None:
+    """receive_from(0) takes only what is queued (Timeout at once); receive_from(inf) waits for the datagram."""
+    with UdpServer(reverse, "127.0.0.1", 0) as server, UdpClient("127.0.0.1", server.port) as client:
+        with pytest.raises(Timeout, match=r"within 0 s$"):
+            client.receive_from(0)
+        client.send_to(b"forever")
+        assert client.receive_from(math.inf)[0] == b"reverof"
+
+
+def test_sync_send_to_checks_its_arguments(sockets: list[socket.socket]) -> None:
+    """send_to refuses a non-bytes message, an address that is no (host, port) tuple, a port above 65535."""
+    peer = silent_socket("127.0.0.1", sockets)
+    with UdpClient("127.0.0.1", peer.getsockname()[1]) as client:
+        with pytest.raises(TypeError, match=r"^message must be bytes-like, got str$"):
+            client.send_to("text")  # type: ignore[arg-type]  # the misuse under test
+        with pytest.raises(TypeError, match=r"^message must be bytes-like, got str$"):
+            client.request("text")  # type: ignore[arg-type]  # the misuse under test
+        with pytest.raises(TypeError, match=r"^address must be a \(host, port\) tuple, got str$"):
+            client.send_to(b"x", "127.0.0.1:9")
+        with pytest.raises(ValueError, match=r"^port 70000: must be 0\.\.65535$"):
+            client.send_to(b"x", ("127.0.0.1", 70000))
+        client.send_to(b"ok", peer.getsockname())
+    peer.settimeout(unit(2))
+    assert peer.recv(100) == b"ok"  # the first datagram the peer got
+
+
+def flood(
+    server_port: int, host: str, count: int, sockets: list[socket.socket], body: bytes = b"bad"
+) -> None:
+    """Send ``count`` datagrams of ``body``, each batch of 25 followed by a probe; return once all were handled.
+
+    The server reads its socket in order: once a probe is echoed, every datagram
+    before it was handled (and the kernel's buffer never overflows).
+    """
+    raw = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    sockets.append(raw)
+    raw.settimeout(unit(10))
+    raw.connect((host, server_port))
+    for start in range(0, count, 25):
+        for _ in range(min(25, count - start)):
+            raw.send(body)
+        raw.send(b"probe")
+        assert raw.recv(1000) == b"probe"
+
+
+def raises_on_bad(message: bytes) -> bytes:
+    if message == b"bad":
+        raise ValueError("boom")
+    return message
+
+
+def check_flood_log(records: list[logging.LogRecord], count: int) -> None:
+    """5 handler errors in full (with tracebacks), then summaries that count the rest exactly."""
+    errors = [r for r in records if r.levelno == logging.ERROR]
+    full = [r for r in errors if r.getMessage().endswith("handler raised ValueError: boom; no reply")]
+    summaries = [r.getMessage() for r in errors if r.getMessage().startswith("... and ")]
+    assert len(full) == 5 and all(r.exc_info is not None for r in full)
+    assert len(errors) == 5 + len(summaries) and summaries, [r.getMessage() for r in errors]
+    pattern = re.compile(
+        r"^\.\.\. and (\d+) more handler errors from (127\.0\.0\.1|\[::1\]):\d+ in the last [\d.]+ s$"
+    )
+    matches = [pattern.match(text) for text in summaries]
+    assert all(matches), summaries
+    assert sum(int(m.group(1)) for m in matches if m) == count - 5
+
+
+def test_sync_handler_error_flood_is_rate_limited(
+    host: str, sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """200 datagrams whose handler raises: 5 error lines in full, then one summary, not 200 tracebacks."""
+    with UdpServer(raises_on_bad, host, 0) as server:
+        flood(server.port, host, 200, sockets)
+        stats = server.statistics()
+    assert (stats.errors, stats.error_kinds) == (200, {"handler error": 200})
+    check_flood_log(server_logs.records, 200)
+
+
+def test_sync_flood_summary_is_logged_without_more_traffic(
+    sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """The server thread wakes when a summary is due: a flood that stopped is reported while serving."""
+    server = UdpServer(raises_on_bad, "127.0.0.1", 0, max_size=100)
+    try:
+        # A short interval in place of 10 s, so the test need not wait (the pump reads it from its protocol).
+        server._protocol = DatagramServerProtocol(
+            100, log=logging.getLogger(LOGGER).log, lock=threading.Lock(), warning_interval=unit(0.2)
+        )
+        server.start()
+        flood(server.port, "127.0.0.1", 20, sockets, body=b"o" * 200)
+        wait_for(
+            lambda: any("more datagrams above max_size 100" in r.getMessage() for r in server_logs.records)
+        )
+        assert server.statistics().error_kinds == {"message too large": 20}
+    finally:
+        server.shutdown()
+    summaries = [r.getMessage() for r in server_logs.records if r.getMessage().startswith("... and ")]
+    port = sockets[0].getsockname()[1]
+    expected = rf"\.\.\. and 15 more datagrams above max_size 100 dropped from 127\.0\.0\.1:{port} in the last [\d.]+ s"
+    assert len(summaries) == 1 and re.fullmatch(expected, summaries[0]), summaries
 
 
 def test_bind_failure_is_oserror(sockets: list[socket.socket]) -> None:
@@ -671,6 +836,74 @@ def test_async_close_waits_for_running_handlers(runner: asyncio.Runner) -> None:
             client.close()
             server.close()
             await server.wait_closed()
+
+    run(runner, main())
+
+
+def test_async_handler_error_flood_is_rate_limited(
+    runner: asyncio.Runner, sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """A flood of failing coroutine handlers on serve_udp: 5 error lines in full, then a summary."""
+
+    async def handler(message: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return raises_on_bad(message)
+
+    async def main() -> Any:
+        async with await serve_udp(handler, "127.0.0.1", 0) as server:
+            await asyncio.to_thread(flood, server.port, "127.0.0.1", 100, sockets)
+        return server.statistics()
+
+    stats = run(runner, main())
+    assert (stats.errors, stats.error_kinds) == (100, {"handler error": 100})
+    check_flood_log(server_logs.records, 100)
+
+
+def test_async_flood_summary_is_logged_without_more_traffic(
+    runner: asyncio.Runner, sockets: list[socket.socket], server_logs: pytest.LogCaptureFixture
+) -> None:
+    """serve_udp arms a timer for a due summary: a flood that stopped is reported while serving."""
+
+    async def main() -> None:
+        async with await serve_udp(raises_on_bad, "127.0.0.1", 0) as server:
+            # A short interval in place of 10 s (the pump reads it from its protocol).
+            server._protocol = DatagramServerProtocol(
+                DEFAULT_MAX_SIZE, log=logging.getLogger(LOGGER).log, warning_interval=unit(0.2)
+            )
+            await asyncio.to_thread(flood, server.port, "127.0.0.1", 20, sockets)
+            for _ in range(1000):  # bounded: the timer fires within about 0.2 units
+                if any("more handler errors" in r.getMessage() for r in server_logs.records):
+                    break
+                await asyncio.sleep(unit(0.01))
+            else:
+                raise AssertionError("no summary while serving")
+
+    run(runner, main())
+
+
+@pytest.mark.parametrize(("timeout", "error", "match"), BAD_WAITS, ids=[repr(t) for t, _, _ in BAD_WAITS])
+def test_async_bad_timeouts_are_refused_at_the_call(
+    runner: asyncio.Runner, timeout: Any, error: type[Exception], match: str
+) -> None:
+    """receive_from(timeout=) and serve_udp(shutdown_timeout=) refuse negative, NaN and non-numbers, naming them."""
+
+    async def main() -> None:
+        with pytest.raises(error, match=match.replace("timeout", "shutdown_timeout", 1)):
+            await serve_udp(reverse, "127.0.0.1", 0, shutdown_timeout=timeout)
+        async with (
+            await serve_udp(reverse, "127.0.0.1", 0) as server,
+            await open_udp_client("127.0.0.1", server.port, timeout=unit(2)) as client,
+        ):
+            await client.send_to(b"kept")
+            with pytest.raises(error, match=match):
+                await client.receive_from(timeout)
+            assert (await client.receive_from())[0] == b"tpek"
+            with pytest.raises(Timeout, match=r"within 0 s$"):
+                await client.receive_from(0)
+            await client.send_to(b"forever")
+            assert (await client.receive_from(math.inf))[0] == b"reverof"
+            with pytest.raises(ValueError, match=r"^port 70000: must be 0\.\.65535$"):
+                await client.send_to(b"x", ("127.0.0.1", 70000))
 
     run(runner, main())
 

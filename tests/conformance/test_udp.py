@@ -127,3 +127,29 @@ def test_bad_reply_keeps_the_server_serving(udp_kind: str, udp_client: socket.so
         assert (stats.messages_received, stats.messages_sent) == (3, 2)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("fault", ["raises", "str"])
+def test_a_flood_of_bad_replies_is_a_few_lines_and_a_summary(
+    udp_kind: str, udp_client: socket.socket, fault: str
+) -> None:
+    """100 datagrams the handler gets wrong: 5 error lines in full, then one summary counting the other 95 (issue 11)."""
+    server = UdpAdapter(udp_kind, faulty(fault))
+    try:
+        udp_client.connect(("127.0.0.1", server.port))
+        for _ in range(4):  # in batches, so that the kernel's buffer never overflows
+            for _ in range(25):
+                udp_client.send(b"bad")
+            udp_client.send(b"good")
+            assert udp_client.recv(65536) == b"good"  # handled in order: every bad one was handled before
+        wait_for(lambda: server.statistics().errors == 100, unit(5))
+        assert server.statistics().error_kinds == {"handler error": 100}
+    finally:
+        server.stop()  # flushes the summary
+    errors = [ln for ln in server.log.lines() if ln.level >= ERROR]
+    peer = f"127.0.0.1:{udp_client.getsockname()[1]}"
+    assert len(errors) == 6, server.log.dump()
+    assert all(ln.message.startswith(f"{peer}: ") for ln in errors[:5])
+    assert errors[5].message.startswith(f"... and 95 more handler errors from {peer} in the last "), (
+        server.log.dump()
+    )
