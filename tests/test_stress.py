@@ -838,10 +838,11 @@ def test_signal_stops_early_and_reports(make_server: Any, sig: signal.Signals, w
 
 def test_payload_layout_and_matchers() -> None:
     """Bodies start with seq and conn id; the matchers accept exactly the expected reply."""
-    from msgsock.app import stress as mod
+    from msgsock.app.stress import StressConfig
+    from msgsock.app.stress.payload import _Payloads
 
-    cfg = mod.StressConfig(size_min=40, size_max=40)
-    p = mod._Payloads(cfg)
+    cfg = StressConfig(size_min=40, size_max=40)
+    p = _Payloads(cfg)
     body = b"".join(p.body_parts(7, 1234, 40))
     assert body[:12] == (1234).to_bytes(8, "little") + (7).to_bytes(4, "little")
     assert len(body) == 40
@@ -849,7 +850,7 @@ def test_payload_layout_and_matchers() -> None:
     assert match(body, 7, 1234)
     assert not match(body, 7, 1235)
     assert not match(body[:-1] + bytes([body[-1] ^ 1]), 7, 1234)
-    rev = mod._Payloads(mod.StressConfig(size_min=0, size_max=100, expect="reverse"))
+    rev = _Payloads(StressConfig(size_min=0, size_max=100, expect="reverse"))
     for seq in range(50):
         n = rev.size_of(3, seq)
         assert 0 <= n <= 100
@@ -861,16 +862,16 @@ def test_payload_layout_and_matchers() -> None:
 
 def test_every_end_kind_counts_under_a_report_kind() -> None:
     """How a connection ended is the core's EndKind; each one counts under one kind of the report."""
-    from msgsock.app import stress as mod
+    from msgsock.app.stress.kinds import _report_kind
     from msgsock.exceptions import EndKind
 
-    assert {mod._report_kind(kind) for kind in EndKind} <= set(ERROR_KINDS)
-    assert mod._report_kind(EndKind.CLEAN) == mod._report_kind(EndKind.INCOMPLETE_MESSAGE) == "closed"
-    assert mod._report_kind(EndKind.MESSAGE_TOO_LARGE) == mod._report_kind(EndKind.FRAME_ERROR) == "protocol"
-    assert mod._report_kind(EndKind.RESET) == mod._report_kind(EndKind.OS_ERROR) == "reset"
-    assert mod._report_kind(EndKind.TLS) == "tls"
-    assert mod._report_kind(EndKind.AUTHENTICATION) == "auth"
-    assert mod._report_kind(EndKind.HANDSHAKE_TIMEOUT) == "timeout"
+    assert {_report_kind(kind) for kind in EndKind} <= set(ERROR_KINDS)
+    assert _report_kind(EndKind.CLEAN) == _report_kind(EndKind.INCOMPLETE_MESSAGE) == "closed"
+    assert _report_kind(EndKind.MESSAGE_TOO_LARGE) == _report_kind(EndKind.FRAME_ERROR) == "protocol"
+    assert _report_kind(EndKind.RESET) == _report_kind(EndKind.OS_ERROR) == "reset"
+    assert _report_kind(EndKind.TLS) == "tls"
+    assert _report_kind(EndKind.AUTHENTICATION) == "auth"
+    assert _report_kind(EndKind.HANDSHAKE_TIMEOUT) == "timeout"
 
 
 def test_first_difference() -> None:
@@ -886,57 +887,28 @@ def test_first_difference() -> None:
     assert _first_difference(a[:50], a) == 50
 
 
-def test_stream_windows_hold_the_exact_messages() -> None:
-    """The stream-mode window holds, for every message in flight, exactly the encoded message
-    (sequence numbers past 2**8, 2**16 and 2**40; connection ids past 2**8; several frames)."""
-    from msgsock.app import stress as mod
-
-    cases = [(64, "u32be", 16, 16), (1000, "u32be", 16, 256), (13, "u8", 3, 1), (5000, "u16le", 40, 2000)]
-    for size, spec, depth, conns in cases:
-        cfg = mod.StressConfig(
-            size_min=size, size_max=size, depth=depth, connections=conns, frame=FrameFormat.parse(spec)
-        )
-        w = mod._Worker(cfg, mod._shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))
-        try:
-            assert w.stream
-            ml = w._mlen
-            for cid in (0, 1, 300, 70000):
-                a, b = socket.socketpair()
-                with a, b:
-                    c = mod._Conn(cid, a)
-                    for start in (0, 2**16 - 2 * w._block, 2**40 - w._block):
-                        c.win = bytearray()
-                        c.wtop = c.next_rx = start
-                        for step in range(3 * w._window // depth + 3):
-                            s1 = c.next_rx + depth
-                            w._extend_window(c, s1)
-                            for seq in range(c.next_rx, s1):
-                                off = seq % w._window * ml
-                                want = cfg.frame.encode(w.payloads.expected(cid, seq))
-                                assert c.win[off : off + ml] == want, (size, spec, cid, seq)
-                            c.next_rx += step % depth + 1
-        finally:
-            w.ep.close()
-
-
 def test_stream_mode_split_replies_and_fallback() -> None:
     """Replies split anywhere verify in stream mode; a bad byte after a split reply is classified per
     message (the verified half is not lost), and an EOF then aborts exactly what is still owed."""
-    from msgsock.app import stress as mod
+    from msgsock.app.stress import StressConfig
+    from msgsock.app.stress.config import _shares
+    from msgsock.app.stress.conn import _Conn
+    from msgsock.app.stress.poller import _IN
+    from msgsock.app.stress.pump import _Worker
 
-    cfg = mod.StressConfig(size_min=40, size_max=40, depth=4, duration=1000.0)
-    w = mod._Worker(cfg, mod._shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))
+    cfg = StressConfig(size_min=40, size_max=40, depth=4, duration=1000.0)
+    w = _Worker(cfg, _shares(cfg)[0], (socket.AF_INET, ("127.0.0.1", 0)))
     a, b = socket.socketpair()
     try:
         a.setblocking(False)
         b.settimeout(unit(5))
-        c = mod._Conn(0, a)
+        c = _Conn(0, a)
         w.conns[c.fd] = c
         w._connected(c, time.monotonic_ns())
         assert c.stream
         w.sending = True
-        w.t_start = time.monotonic_ns()
-        w._refill(c, w.t_start)
+        w.ledger.t_start = time.monotonic_ns()
+        w._refill(c, w.ledger.t_start)
         ml = 44
 
         def take(n: int) -> bytes:
@@ -947,7 +919,7 @@ def test_stream_mode_split_replies_and_fallback() -> None:
 
         def reply(data: bytes) -> None:
             b.sendall(data)
-            w._stream_round([(c.fd, mod._IN)], time.monotonic_ns())
+            w._stream_round([(c.fd, _IN)], time.monotonic_ns())
 
         sent = take(4 * ml)
         reply(sent[:66])  # one and a half replies
@@ -960,16 +932,17 @@ def test_stream_mode_split_replies_and_fallback() -> None:
         bad[-5] ^= 0x40  # in message 3, after the rest of message 2
         reply(bytes(bad))
         assert not c.stream  # classified per message from here on
-        w._fold()
-        assert w.errors["corrupted"] == 1
-        assert w.done_all == 3  # messages 0, 1 and 2
-        assert any("conn 0 seq 3: byte 35" in e for e in w.examples), w.examples
+        ledger = w.ledger
+        ledger.fold()
+        assert ledger.errors["corrupted"] == 1
+        assert ledger.done_all == 3  # messages 0, 1 and 2
+        assert any("conn 0 seq 3: byte 35" in e for e in ledger.examples), ledger.examples
         b.shutdown(socket.SHUT_WR)  # EOF with messages 4 and 5 (and their refills) unanswered
-        w._stream_round([(c.fd, mod._IN)], time.monotonic_ns())
-        w._fold()
-        assert w.errors["closed"] == 1
-        assert w.errors["aborted"] == w.sent_all - 4 > 0
-        assert w.inflight == 0
+        w._stream_round([(c.fd, _IN)], time.monotonic_ns())
+        ledger.fold()
+        assert ledger.errors["closed"] == 1
+        assert ledger.errors["aborted"] == ledger.sent_all - 4 > 0
+        assert ledger.inflight == 0
     finally:
         a.close()
         b.close()
