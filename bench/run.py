@@ -17,6 +17,14 @@ msgsock rows (``--rows``, all by default)::
     msgsock_handler    bench/servers/msgsock_handler.py             (msgsock.aio.serve(lambda m: m, ...))
     msgsock_threads    python -m msgsock serve --engine threads
     msgsock_processes  python -m msgsock serve --engine processes --workers 2
+    msgsock_native_echo_epoll      msgsock serve --engine native, MSGSOCK_NATIVE_BACKEND=epoll
+    msgsock_native_echo_uring      msgsock serve --engine native, MSGSOCK_NATIVE_BACKEND=io_uring
+    msgsock_native_handler_epoll   bench/servers/msgsock_handler.py --engine native --backend epoll
+    msgsock_native_handler_uring   bench/servers/msgsock_handler.py --engine native --backend io_uring
+
+(``msgsock`` itself runs the default engine, ``auto``: native where the extension is
+built.  The native rows are compared with the C echo and the Python references like
+the others; SPEC §8's native targets are evaluated on them.)
 
 A row whose command does not start listening within 20 s (for example an engine that
 does not exist yet) is left out of the run with a note; the run goes on.
@@ -81,7 +89,18 @@ PY_REFS = (
 )
 ALL_REFS = (C_REF, *PY_REFS)
 QUICK_REFS = (C_REF, "selectors", "asyncio_proto_uvloop", "twisted_int32", "threads")
-ROWS = ("msgsock", "msgsock_handler", "msgsock_threads", "msgsock_processes")
+ROWS = (
+    "msgsock",
+    "msgsock_handler",
+    "msgsock_threads",
+    "msgsock_processes",
+    "msgsock_native_echo_epoll",
+    "msgsock_native_echo_uring",
+    "msgsock_native_handler_epoll",
+    "msgsock_native_handler_uring",
+)
+NATIVE_ECHO_ROWS = ("msgsock_native_echo_epoll", "msgsock_native_echo_uring")
+NATIVE_HANDLER_ROWS = ("msgsock_native_handler_epoll", "msgsock_native_handler_uring")
 
 # compare.py invocations of --quick: (sizes, conns, deep).  compare.py crosses sizes with
 # conns, so the three quick cells need two invocations:
@@ -214,6 +233,10 @@ def row_commands(python: str, rows: Sequence[str], processes_cpus: str | None) -
         "msgsock_handler": f"{py} {handler} --port {{port}}",
         "msgsock_threads": f"{serve} --engine threads",
         "msgsock_processes": processes,
+        "msgsock_native_echo_epoll": f"env MSGSOCK_NATIVE_BACKEND=epoll {serve} --engine native",
+        "msgsock_native_echo_uring": f"env MSGSOCK_NATIVE_BACKEND=io_uring {serve} --engine native",
+        "msgsock_native_handler_epoll": f"{py} {handler} --port {{port}} --engine native --backend epoll",
+        "msgsock_native_handler_uring": f"{py} {handler} --port {{port}} --engine native --backend io_uring",
     }
     return {name: commands[name] for name in rows}
 
@@ -442,6 +465,29 @@ def check_targets(
                 1.0,
             )
         add("msgsock_threads", cell, "threads", "threads", aggs.get(("threads", cell)), 1.0)
+        # SPEC §8, the native engine: built-in echo >= 0.9x C on every cell and <= 1.2x its
+        # CPU per message; io_uring >= 1.0x C at 16 and 256 connections; a Python handler
+        # >= 1.3x the best hand-written Python server at depth 1.
+        for name in NATIVE_ECHO_ROWS:
+            add(name, cell, "C (c_epoll)", C_REF, c, 0.9)
+            a = aggs.get((name, cell))
+            if a is not None:
+                value = a.cpu_us / c.cpu_us if c is not None and a.cpu_us is not None and c.cpu_us else None
+                out.append(
+                    Target(
+                        target=f"{name} server CPU µs/msg <= 1.2x C's",
+                        cell=cell,
+                        value=value,
+                        threshold="<= 1.2",
+                        passed=None if value is None else value <= 1.2,
+                        placements=_compare_tag(a, c, C_REF, same_cpu),
+                    )
+                )
+        if conns >= 16:
+            add("msgsock_native_echo_uring", cell, "C (c_epoll), io_uring", C_REF, c, 1.0)
+        if depth == 1:
+            for name in NATIVE_HANDLER_ROWS:
+                add(name, cell, best_label, py_name, py, 1.3)
     return out
 
 

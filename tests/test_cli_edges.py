@@ -144,7 +144,7 @@ def test_udp_client_sends_non_utf8_raw() -> None:
         (["client", "--header", "kind", "--send", "x"], "--header kind: not NAME=VALUE"),
         (
             ["serve", "--engine", "fast"],
-            "--engine: invalid choice: 'fast' (choose from 'asyncio', 'threads', 'processes')",
+            "--engine: invalid choice: 'fast' (choose from 'auto', 'asyncio', 'threads', 'processes', 'native')",
         ),
         (["serve", "--bogus"], "unrecognized arguments: --bogus"),
         (["serve", "--port"], "--port: expected one argument"),
@@ -194,7 +194,10 @@ def test_top_level_and_module_usage_errors_are_one_line() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "--workers", "2"], "--workers needs --engine processes, not --engine asyncio"),
+        (
+            ["serve", "--workers", "2", "--engine", "threads"],
+            "--workers needs --engine auto, processes or native, not --engine threads",
+        ),
         (["client", "--retries", "1", "--send", "x"], "--retries needs --udp"),
         (["client", "--rounds", "2", "--send", "x"], "--rounds and --send cannot be combined"),
         (["client", "--auth-key-file", "/nonexistent/k", "--send", "x"], "--auth-key-file: /nonexistent/k:"),
@@ -283,7 +286,7 @@ def test_max_size_that_fits_the_frame_starts() -> None:
     """--max-size at the field's limit, or none with a small frame (capped silently), serves."""
     for args in (("--frame", "u8", "--max-size", "255"), ("--frame", "u8")):
         with serve(*args) as server:
-            assert server.ready.endswith("(asyncio, u8)")
+            assert server.ready.endswith(", u8)")  # whatever engine auto chose
             done = run_cli("client", "--port", str(server.port), "--frame", "u8", "--send", "y" * 255)
             assert done.returncode == 0 and done.stdout == "y" * 255 + "\n", done.stderr
             assert server.stop() == 0

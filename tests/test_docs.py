@@ -61,6 +61,8 @@ REFERENCE_MODULES = (
     "msgsock.aio",
     "msgsock.callback",
     "msgsock.udp",
+    "msgsock.extensions",
+    "msgsock.native",
 )
 
 

@@ -33,10 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(900)
 
 # What the sdist is built from: the files `git ls-files` would list, less the caches.
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "src")
+SOURCE_ITEMS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md", "src")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "*.so")
 
 LIBRARY_MODULES = ("msgsock", "msgsock.sync", "msgsock.aio", "msgsock.callback", "msgsock.udp")
+
+# The optional extensions are built where a compiler is (setup.py), unless switched off.
+COMPILER = shutil.which("gcc") is not None or shutil.which("cc") is not None
+EXTENSIONS_OFF = os.environ.get("MSGSOCK_NO_EXTENSIONS") == "1"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,23 @@ def test_wheel_contents(built: Built) -> None:
         top for top in tops if top.startswith("tests") or top in ("examples", "bench", "docs", "fuzz")
     }, f"the wheel holds more than the package: {sorted(tops)}"
     assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names), "no LICENSE in the wheel"
+    assert not [n for n in names if n.endswith((".c", ".h"))], "the wheel holds C sources"
+
+
+def test_wheel_holds_the_compiled_extension(built: Built) -> None:
+    """With a C compiler at build time, the wheel carries msgsock._speedups compiled (SPEC §3)."""
+    if not COMPILER:
+        pytest.skip("no C compiler: the wheel is pure Python")
+    with zipfile.ZipFile(built.wheel) as archive:
+        names = archive.namelist()
+    speedups = [n for n in names if n.startswith("msgsock/_speedups.") and n.endswith((".so", ".pyd"))]
+    if EXTENSIONS_OFF:
+        assert not speedups, "MSGSOCK_NO_EXTENSIONS=1 at build time still built the extension"
+    else:
+        assert speedups, f"no compiled msgsock._speedups in {built.wheel.name}"
+        assert not built.wheel.name.endswith("-none-any.whl"), (
+            "a wheel with an extension is platform-specific"
+        )
 
 
 def test_wheel_metadata(built: Built) -> None:
@@ -175,6 +196,9 @@ def test_sdist_contents(built: Built) -> None:
         "LICENSE",
         "src/msgsock/__init__.py",
         "src/msgsock/py.typed",
+        "setup.py",
+        "src/msgsock/_native/frame.h",
+        "src/msgsock/_native/speedups.c",
     ):
         assert needed in names, f"{needed} is not in {built.sdist.name}"
 
@@ -183,6 +207,7 @@ SMOKE = """
 import importlib, importlib.metadata, json, sys
 modules = {name: importlib.import_module(name) for name in sys.argv[1:]}
 import msgsock
+import msgsock.extensions
 from msgsock import sync
 server = sync.ThreadedServer(lambda message: message[::-1], "127.0.0.1", 0)
 server.start()
@@ -199,6 +224,7 @@ print(json.dumps({
     "file": msgsock.__file__,
     "reply": reply.decode(),
     "third_party": third_party,
+    "extensions": msgsock.extensions.describe(),
 }))
 """
 
@@ -213,6 +239,8 @@ def test_installed_wheel_works(built: Built, tmp_path: Path) -> None:
     assert "site-packages" in report["file"], f"imported from {report['file']}, not the installed wheel"
     assert report["reply"] == "ekoms"
     assert report["third_party"] == [], f"the library imported {report['third_party']}"
+    if COMPILER and not EXTENSIONS_OFF:
+        assert report["extensions"].startswith("native: speedups"), report["extensions"]
 
 
 def test_commands_without_extras(built: Built, tmp_path: Path) -> None:

@@ -171,12 +171,12 @@ def test_shared_socket_fallback_serves() -> None:
 
 
 def test_usage_errors_exit_2() -> None:
-    """A worker count below 1 or not a number, and --workers without the processes engine: exit 2."""
+    """A worker count below 1 or not a number, and --workers with an engine of one loop: exit 2."""
     for args, words in (
         (["serve", "--engine", "processes", "--workers", "0"], "--workers"),
         (["serve", "--engine", "processes", "--workers", "many"], "--workers"),
-        (["serve", "--workers", "2"], "--engine processes"),
-        (["serve", "--engine", "threads", "--workers", "2"], "--engine processes"),
+        (["serve", "--engine", "threads", "--workers", "2"], "needs --engine auto, processes or native"),
+        (["serve", "--engine", "asyncio", "--workers", "2"], "not --engine asyncio"),
         (["serve", "--engine", "processes", "--workers", "100000"], "--workers"),
     ):
         done = run_cli(*args)

@@ -15,15 +15,26 @@ A declared length is checked against ``max_size`` as soon as the header is
 complete, before any of the body is buffered, so a peer cannot make us allocate
 what it merely claims.  After a :class:`~msgsock.exceptions.ProtocolError` the
 decoder is broken for good: the stream position is lost.
+
+Where the optional extension ``msgsock._speedups`` is built (see
+:mod:`msgsock.extensions`; ``MSGSOCK_NO_EXTENSIONS=1`` turns it off), the loops that cost
+per frame -- :meth:`FrameDecoder.feed`, :meth:`FrameDecoder.feed_span` and the header
+encoder -- run in C (``src/msgsock/_native/frame.h``), chosen once at import.  This
+module stays the reference: the compiled path keeps the state here, hands back to the
+code below every input it does not handle, and builds its errors with the same
+functions, so frames, exceptions and state are identical either way
+(``tests/test_native_framing.py`` proves it).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from . import extensions
 from .exceptions import (
     FrameError,
     IncompleteMessage,
@@ -72,6 +83,11 @@ _LENGTH_NAMES: dict[str, tuple[int, Byteorder]] = {**PRESETS, "u8be": (1, "big")
 
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _BYTES_OR_BYTEARRAY = (bytes, bytearray)  # a tuple: ``bytes | bytearray`` is built anew at each call
+
+# The compiled loops, or None (pure Python): decided once, by msgsock.extensions (which
+# imports only the standard library and nothing of msgsock, so the core stays the core).
+_speedups: Any = extensions.speedups
+_SIGNED_CODES = frozenset("bhilq")
 
 
 def bytes_like_error(value: object, name: str = "message") -> TypeError:
@@ -155,6 +171,7 @@ class FrameFormat:
     _struct: struct.Struct = field(init=False, repr=False, compare=False)
     _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _length_index: int = field(init=False, repr=False, compare=False)
+    _native: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.length_size not in _LENGTH_CODES:
@@ -197,6 +214,7 @@ class FrameFormat:
         setattr_(self, "_length_index", len(self.fields_before))
         setattr_(self, "header_size", st.size)
         setattr_(self, "max_body", max_body)
+        setattr_(self, "_native", _native_format(self))
 
     # -- construction helpers ---------------------------------------------------------
 
@@ -370,6 +388,37 @@ class FrameFormat:
         return FrameDecoder(self)
 
 
+def _native_format(fmt: FrameFormat) -> Any:
+    """The format compiled for ``msgsock._speedups``, or None (pure Python, or a header
+    beyond the native codec's limits: it then keeps to the reference code)."""
+    if _speedups is None:
+        return None
+    fields: list[tuple[int, int, bool]] = []
+    offset = length_offset = 0
+    for f in (*fmt.fields_before, None, *fmt.fields_after):
+        if f is None:
+            length_offset = offset
+            offset += fmt.length_size
+            continue
+        size = struct.calcsize("<" + f.code)
+        fields.append((offset, size, f.code in _SIGNED_CODES))
+        offset += size
+    try:
+        return _speedups.Format(
+            fmt.length_size,
+            fmt.byteorder == "big",
+            fmt.length_includes_header,
+            length_offset,
+            fmt.header_size,
+            fmt.max_body,
+            tuple(fields),
+            fmt._names,
+            Message,
+        )
+    except ValueError:
+        return None
+
+
 DEFAULT_FORMAT = FrameFormat()
 
 
@@ -390,6 +439,7 @@ class FrameDecoder:
         "_error",
         "_hsize",
         "_max_body",
+        "_native",
         "_need",
         "_plain",
         "_unpack",
@@ -408,6 +458,7 @@ class FrameDecoder:
         self._max_body = format.max_body
         # A plain format (length only, counting the body) takes the short loop in _parse.
         self._plain = not format._names and not format.length_includes_header
+        self._native = format._native
 
     @property
     def buffered(self) -> int:
@@ -581,11 +632,7 @@ class FrameDecoder:
             length = unpack(view, pos)[index]
             size = length - minus
             if size < 0 or size > max_body:
-                error: ProtocolError = (
-                    MessageTooLarge(size, max_body)
-                    if size >= 0
-                    else FrameError(f"frame length {length} is smaller than the {hsize}-byte header")
-                )
+                error = self._header_error(length)
                 self._error = error
                 if not count:
                     raise error
@@ -646,13 +693,8 @@ class FrameDecoder:
         while n - pos >= hsize:
             values = unpack(data, pos)
             size = values[index] - minus
-            if size < 0:
-                error: ProtocolError = FrameError(
-                    f"frame length {values[index]} is smaller than the {hsize}-byte header"
-                )
-                return self._bad(frames, n, error)
-            if size > max_body:
-                return self._bad(frames, n, MessageTooLarge(size, max_body))
+            if size < 0 or size > max_body:
+                return self._bad(frames, n, self._header_error(values[index]))
             end = pos + hsize + size
             if end > n:
                 self._need = end - pos
@@ -669,6 +711,14 @@ class FrameDecoder:
         self._need = hsize
         return frames, pos
 
+    def _header_error(self, length: int) -> ProtocolError:
+        """The error for a header whose length field ``length`` is bad (too large or too short)."""
+        hsize = self._hsize
+        size = length - hsize if self.format.length_includes_header else length
+        if size < 0:
+            return FrameError(f"frame length {length} is smaller than the {hsize}-byte header")
+        return MessageTooLarge(size, self._max_body)
+
     def _bad(self, frames: list[Any], n: int, error: ProtocolError) -> tuple[list[Any], int]:
         self._error = error
         if not frames:
@@ -676,3 +726,114 @@ class FrameDecoder:
         # The frames before the bad header were sent whole: deliver them, and raise on
         # the next call (``error`` tells the caller now).
         return frames, n
+
+
+# -- the compiled loops (msgsock._speedups) ---------------------------------------------
+#
+# Each function below does what the reference method of the same name does, with the
+# frame loop in C; whatever the C code declines (an input type it does not handle, a
+# format beyond its limits, any encoding error) goes to the reference method, so the
+# outcome is the reference's.  They replace the reference methods once, at import.
+
+
+def _append(buf: bytearray, data: bytes | bytearray | memoryview) -> None:
+    try:
+        buf += data
+    except TypeError:
+        if not isinstance(data, _BYTES_LIKE):  # as in feed(): nothing changed yet
+            raise bytes_like_error(data, "data") from None
+        raise
+
+
+def _native_feed(self: FrameDecoder, data: bytes | bytearray | memoryview) -> list[Any]:
+    native = self._native
+    if native is None or self._error is not None:
+        return _reference_feed(self, data)
+    buf = self._buf
+    if buf:
+        _append(buf, data)
+        if len(buf) < self._need:
+            return []
+        frames, used, need, bad = _speedups.parse(native, buf, None)
+        if bad is None:
+            self._need = need
+        else:
+            frames, used = self._bad(frames, len(buf), self._header_error(bad))
+        del buf[:used]
+        return frames  # type: ignore[no-any-return]
+    result = _speedups.parse(native, data, buf)  # appends the unfinished rest to buf
+    if result is None:
+        return _reference_feed(self, data)
+    frames, used, need, bad = result
+    if bad is None:
+        self._need = need
+        return frames  # type: ignore[no-any-return]
+    return self._bad(frames, used, self._header_error(bad))[0]
+
+
+def _native_feed_span(self: FrameDecoder, data: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+    native = self._native
+    if native is None or self._error is not None:
+        return _reference_feed_span(self, data)
+    buf = self._buf
+    if buf:
+        _append(buf, data)
+        if len(buf) < self._need:
+            return 0, b""
+        count, span, used, need, bad = _speedups.scan(native, buf, None)
+        if bad is None:
+            self._need = need
+            del buf[:used]
+            return count, span
+    else:
+        result = _speedups.scan(native, data, buf)  # appends the unfinished rest to buf
+        if result is None:
+            return _reference_feed_span(self, data)
+        count, span, used, need, bad = result
+        if bad is None:
+            self._need = need
+            return count, span
+    self._error = self._header_error(bad)
+    if not count:
+        raise self._error
+    buf.clear()  # what follows a bad header is not a frame
+    return count, span
+
+
+def _native_encode_header(self: FrameFormat, size: int, header: Mapping[str, int] | None = None) -> bytes:
+    native = self._native
+    if native is not None:
+        head = _speedups.encode_header(native, size, header)
+        if head is not None:
+            return head  # type: ignore[no-any-return]
+    return _reference_encode_header(self, size, header)
+
+
+def _native_encode_parts(
+    self: FrameFormat, body: bytes | bytearray | memoryview, header: Mapping[str, int] | None = None
+) -> tuple[bytes, bytes | bytearray | memoryview]:
+    native = self._native
+    if native is not None:
+        parts = _speedups.encode_parts(native, body, header)
+        if parts is not None:
+            return parts  # type: ignore[no-any-return]
+    return _reference_encode_parts(self, body, header)
+
+
+_reference_feed = FrameDecoder.feed
+_reference_feed_span = FrameDecoder.feed_span
+_reference_encode_header = FrameFormat.encode_header
+_reference_encode_parts = FrameFormat.encode_parts
+
+
+def _install(cls: type, name: str, native: Callable[..., Any]) -> None:
+    reference = getattr(cls, name)
+    functools.update_wrapper(native, reference)  # the reference's name, docstring, signature
+    setattr(cls, name, native)
+
+
+if _speedups is not None:
+    _install(FrameDecoder, "feed", _native_feed)
+    _install(FrameDecoder, "feed_span", _native_feed_span)
+    _install(FrameFormat, "encode_header", _native_encode_header)
+    _install(FrameFormat, "encode_parts", _native_encode_parts)

@@ -566,11 +566,7 @@ class MessageProtocol:
                 self._frame_messages = done
                 self._frame_since = now
             elif limits.message_timeout is not None and now - self._frame_since > limits.message_timeout:
-                return self.fail(
-                    EndKind.MESSAGE_TIMEOUT,
-                    f"message timeout: a frame was not completed within {limits.message_timeout:g} s "
-                    f"({len(self._decoder._buf)} bytes of it received)",
-                )
+                return self.fail_message_timeout(len(self._decoder._buf))
         else:
             self._frame_messages = -1
         if limits.idle_timeout is not None and now - self._active_since > limits.idle_timeout:
@@ -578,6 +574,19 @@ class MessageProtocol:
                 EndKind.IDLE_TIMEOUT, f"idle timeout: nothing received for {limits.idle_timeout:g} s"
             )
         return None
+
+    def fail_message_timeout(self, received: int) -> End:
+        """End the connection for its message-completion timeout, ``received`` bytes of the frame in.
+
+        :meth:`check_timeouts` decides it here; a pump that frames natively (the
+        native engine) decides it with the same rule and ends the connection with this,
+        so the reason is worded once.
+        """
+        timeout = self.limits.message_timeout
+        return self.fail(
+            EndKind.MESSAGE_TIMEOUT,
+            f"message timeout: a frame was not completed within {timeout or 0:g} s ({received} bytes of it received)",
+        )
 
     def next_deadline(self, now: float) -> float | None:
         """When :meth:`check_timeouts` should run next (a time on the pump's clock), or None.

@@ -625,8 +625,80 @@ class ProcessesServer(ServerAdapter):
                     stream.close()
 
 
+class NativeServer(ServerAdapter):
+    """``msgsock.native.serve(handler, ...)`` on a thread of its own: the C event loop (epoll backend).
+
+    TLS, authentication and the PROXY protocol are the asyncio engine's: skipped.  The
+    built-in echo runs natively when the test gives no handler (the CLI's path).
+    """
+
+    kind = "native"
+    backend = "epoll"
+
+    @classmethod
+    def check(cls, options: ServerOptions) -> None:
+        from msgsock import native
+
+        reason = native.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"native engine: {reason}")
+        for name, on in (("TLS", options.tls), ("auth", options.auth_key), ("PROXY", options.proxy_protocol)):
+            if on:
+                pytest.skip(f"native engine: {name} is served by the asyncio engine only")
+        super().check(options)
+
+    def start(self) -> None:
+        from msgsock import native
+
+        kwargs = self.options.library_kwargs(captured_logger(self.log))
+        self.server = native.serve(self.options.handler, "127.0.0.1", 0, backend=self.backend, **kwargs)
+        self.port = int(self.server.port)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name=f"native-server-{next(_names)}", daemon=True
+        )
+        self._thread.start()
+
+    def statistics(self) -> ServerStatistics:
+        stats: ServerStatistics = self.server.statistics()
+        return stats
+
+    def _stop(self) -> None:
+        self.server.close()
+        assert self.server.wait_closed(unit(20)), "NativeServer.serve_forever() did not return"
+        self._thread.join(unit(5))
+
+
+class NativeUringServer(NativeServer):
+    """The native engine on its io_uring backend (skipped where the kernel refuses io_uring)."""
+
+    kind = "native-uring"
+    backend = "io_uring"
+
+    @classmethod
+    def check(cls, options: ServerOptions) -> None:
+        super().check(options)
+        from msgsock import native
+
+        with native.serve(None, "127.0.0.1", 0, backend="io_uring") as probe:
+            if probe.backend != "io_uring":
+                pytest.skip("native engine: io_uring is not available here (epoll is used instead)")
+
+    def start(self) -> None:
+        super().start()
+        assert self.server.backend == "io_uring"
+
+
 SERVERS: dict[str, type[ServerAdapter]] = {
-    cls.kind: cls for cls in (AioServer, AioConnServer, ThreadsServer, ProcessesServer, CallbackServer)
+    cls.kind: cls
+    for cls in (
+        AioServer,
+        AioConnServer,
+        ThreadsServer,
+        ProcessesServer,
+        CallbackServer,
+        NativeServer,
+        NativeUringServer,
+    )
 }
 
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
+from .. import __version__, extensions
 from ..framing import FrameFormat
 from ..udp import DEFAULT_MAX_SIZE as UDP_MAX_SIZE
 from ..udp import DEFAULT_RETRIES as UDP_RETRIES
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _args.ArgumentParser(
         prog="msgsock", description="Whole messages over TCP and UDP: servers, clients and a load generator."
     )
-    parser.add_argument("--version", action="version", version=f"msgsock {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"msgsock {__version__} ({extensions.describe()})"
+    )
     sub = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_args.ArgumentParser
     )
@@ -108,15 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default=None,
-        help="server engine: asyncio (uvloop), threads (one per connection) or processes "
-        "(--workers event loops sharing the port); default asyncio",
+        help="server engine: auto (the default: native for plain TCP when the extension is built, "
+        "else asyncio), native (the C event loop; --workers N loops sharing the port), "
+        "asyncio (uvloop), threads (one per connection) or processes "
+        "(--workers event loops sharing the port)",
     )
     serve.add_argument(
         "--workers",
         type=_args.positive_int,
         default=None,
         metavar="N",
-        help=f"worker processes of --engine processes (default: the number of CPUs, {os.cpu_count()} here)",
+        help="worker processes of --engine processes (default: the number of CPUs, "
+        f"{os.cpu_count()} here) or --engine native (default: one loop, no workers)",
     )
     serve.add_argument(
         "--udp",
@@ -256,7 +261,7 @@ def _frame_of(args: argparse.Namespace) -> FrameFormat:
 def _udp_conflicts(args: argparse.Namespace, names: Sequence[str]) -> list[str]:
     """The options given with ``--udp`` that only mean something over TCP."""
     conflicts = []
-    if getattr(args, "engine", None) not in (None, "asyncio"):
+    if getattr(args, "engine", None) not in (None, "auto", "asyncio"):
         conflicts.append(f"--engine {args.engine}")
     if args.frame is not None and args.frame != FrameFormat():
         conflicts.append(f"--frame {args.frame}")
@@ -293,8 +298,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if isinstance(size, str):
             return usage(size)
         max_datagram = size
-    elif args.workers is not None and args.engine != "processes":
-        return usage(f"--workers needs --engine processes, not --engine {args.engine or 'asyncio'}")
+    elif args.workers is not None and args.engine not in (None, "auto", "processes", "native"):
+        return usage(f"--workers needs --engine auto, processes or native, not --engine {args.engine}")
     elif args.workers is not None and args.workers > MAX_WORKERS:
         return usage(f"--workers {args.workers} is above {MAX_WORKERS}")
     if args.udp:
@@ -316,7 +321,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         host=args.host,
         port=args.port,
-        engine=args.engine or "asyncio",
+        engine=args.engine or "auto",
         handler=args.handler,
         frame=frame,
         limits=limits,

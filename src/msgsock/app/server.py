@@ -1,11 +1,17 @@
 """The engines and handlers behind ``msgsock serve`` (SPEC §6.1).
 
-An engine is one way of running the same server: ``asyncio`` (the default; uvloop
-when installed) on :func:`msgsock.aio.serve`; ``threads`` on
+An engine is one way of running the same server: ``native`` on
+:func:`msgsock.native.serve` (the C event loop; epoll or io_uring); ``asyncio``
+(uvloop when installed) on :func:`msgsock.aio.serve`; ``threads`` on
 :class:`msgsock.sync.ThreadedServer` (one thread per connection: the MFCAsync
 AsyncServer model); and ``processes``: N worker processes, each running the asyncio
 engine on its own socket bound to the same port with ``SO_REUSEPORT``, under a
-supervising parent (the iocpserver successor, SPEC §2, §7).  Every engine takes the
+supervising parent (the iocpserver successor, SPEC §2, §7); ``native`` with
+``workers`` runs N native loops the same way.  ``auto``, the default, is ``native``
+for plain TCP when the extension is built (:func:`msgsock.native.available`) and
+``asyncio`` otherwise, or when TLS, authentication, the PROXY protocol or UDP are
+asked for (:func:`resolve_engine`); the ready line names the engine chosen.  Every
+engine takes the
 same :class:`ServerConfig`, keeps the same limits, logs the same lines and ends with
 the same summary.  ``ServerConfig(udp=True)`` serves datagrams instead
 (:func:`msgsock.app.udp.run_udp_server`, SPEC §5.4).
@@ -76,6 +82,7 @@ __all__ = [
     "RESTART_RESET_AFTER",
     "ServerConfig",
     "echo",
+    "resolve_engine",
     "reverse",
     "run_server",
 ]
@@ -117,7 +124,7 @@ def reverse(message: bytes) -> bytes:
 
 
 HANDLERS: dict[str, Callable[[bytes], bytes]] = {"echo": echo, "reverse": reverse}
-ENGINES = ("asyncio", "threads", "processes")
+ENGINES = ("auto", "asyncio", "threads", "processes", "native")
 
 
 @dataclass(frozen=True)
@@ -127,12 +134,13 @@ class ServerConfig:
     Attributes:
         host: address to bind.
         port: port to bind; 0 picks a free one (printed in the ready line).
-        engine: one of :data:`ENGINES`.
+        engine: one of :data:`ENGINES` (``auto``: see :func:`resolve_engine`).
         handler: one of :data:`HANDLERS`.
         frame: the frame format (TCP); its ``max_size`` is the message size limit.
         limits: the limits in force (SPEC §7).
         backlog: the listen backlog.
-        workers: worker processes of the ``processes`` engine; None = ``os.cpu_count()``.
+        workers: worker processes of the ``processes`` engine (None = ``os.cpu_count()``),
+            or of the ``native`` engine (None = one loop in this process).
         udp: serve UDP datagrams instead of framed TCP (engine ``asyncio`` only; the
             frame and connection limits do not apply).
         max_datagram_size: largest datagram accepted or sent with ``udp`` (0-65535).
@@ -145,7 +153,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 9898
-    engine: str = "asyncio"
+    engine: str = "auto"
     handler: str = "echo"
     frame: FrameFormat = DEFAULT_FORMAT
     limits: Limits = field(default=DEFAULT_LIMITS)
@@ -187,6 +195,41 @@ class ServerConfig:
         return self.workers if self.workers is not None else os.cpu_count() or 1
 
 
+def resolve_engine(config: ServerConfig) -> str:
+    """The engine ``config`` runs on: its own, or for ``auto`` ``native`` when it can serve it, else
+    ``asyncio`` (``processes`` when ``workers`` is given).
+
+    ``native`` serves plain TCP only: TLS, authentication, the PROXY protocol and UDP
+    stay with the asyncio engine, as does everything when the extension is missing
+    or disabled (``MSGSOCK_NO_EXTENSIONS=1``).
+    """
+    if config.engine != "auto":
+        return config.engine
+    if native_refusal(config) is None:
+        return "native"
+    # --workers N asks for several event loops: the processes engine has them too.
+    return "asyncio" if config.workers is None or config.udp else "processes"
+
+
+def native_refusal(config: ServerConfig) -> str | None:
+    """Why the ``native`` engine cannot run ``config`` (None when it can)."""
+    from .. import native
+
+    asked = [
+        name
+        for name, on in (
+            ("--udp", config.udp),
+            ("--tls-cert", config.tls_cert),
+            ("--auth-key-file", config.auth_key is not None),
+            ("--proxy-protocol", config.proxy_protocol),
+        )
+        if on
+    ]
+    if asked:
+        return f"{', '.join(asked)} is served by the asyncio engine only (--engine asyncio)"
+    return native.unavailable_reason()
+
+
 def _ready_line(config: ServerConfig, address: tuple[object, ...], engine: str | None = None) -> str:
     extras = [
         name
@@ -214,14 +257,21 @@ def run_server(config: ServerConfig, *, out: TextIO | None = None) -> ServerStat
         OSError: the address cannot be bound (in use, not local, unresolvable), or
             the workers of the ``processes`` engine could not start listening.
         ValueError: an unknown engine or handler name, a worker count outside
-            1-:data:`MAX_WORKERS`, an engine other than asyncio with ``udp``, or a
-            ``max_datagram_size`` outside 0-65535.
+            1-:data:`MAX_WORKERS`, an engine other than asyncio with ``udp``, a
+            ``max_datagram_size`` outside 0-65535, or ``native`` asked for where it
+            cannot run (:func:`native_refusal` says why).
     """
     out = out or sys.stdout
     if config.handler not in HANDLERS:
         raise ValueError(f"unknown handler {config.handler!r}; choose from {', '.join(HANDLERS)}")
     if config.engine not in ENGINES:
         raise ValueError(f"unknown engine {config.engine!r}; choose from {', '.join(ENGINES)}")
+    engine = resolve_engine(config)
+    if engine == "native":
+        refusal = native_refusal(config)
+        if refusal is not None:
+            raise ValueError(f"--engine native: {refusal}")
+    config = replace(config, engine=engine)
     if config.udp:
         if config.engine != "asyncio":
             raise ValueError(f"engine {config.engine!r} does not serve UDP; UDP has one engine")
@@ -230,6 +280,8 @@ def run_server(config: ServerConfig, *, out: TextIO | None = None) -> ServerStat
         stats = _run_asyncio(config, out)
     elif config.engine == "threads":
         stats = _run_threads(config, out)
+    elif config.engine == "native" and config.workers is None:
+        stats = _run_native(config, out)
     else:
         if not 1 <= config.worker_count() <= MAX_WORKERS:
             raise ValueError(f"workers must be 1-{MAX_WORKERS}, not {config.workers}")
@@ -285,6 +337,40 @@ def _run_asyncio(config: ServerConfig, out: TextIO) -> ServerStatistics:
         return server.statistics()
 
     return aio.run(main())
+
+
+def _serve_native(
+    config: ServerConfig, *, reuse_port: bool = False, sock: socket.socket | None = None
+) -> Any:
+    """Bind the native engine's server for ``config`` (on ``sock`` when given).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    from .. import native
+
+    return native.serve(
+        config.handler,  # "echo" and "reverse" run natively
+        None if sock is not None else config.host,
+        config.port,
+        frame=config.frame,
+        limits=config.limits,
+        backlog=config.backlog,
+        reuse_port=reuse_port,
+        sock=sock,
+    )
+
+
+def _native_name(server: Any) -> str:
+    return f"native {server.backend}"
+
+
+def _run_native(config: ServerConfig, out: TextIO) -> ServerStatistics:
+    server = _serve_native(config)
+    with stop_signals(server.close):
+        print(_ready_line(config, server.addresses[0], _native_name(server)), file=out, flush=True)
+        stats: ServerStatistics = server.serve_forever()
+    return stats
 
 
 def _run_threads(config: ServerConfig, out: TextIO) -> ServerStatistics:
@@ -409,6 +495,8 @@ class _Supervisor:
         self.shared: list[socket.socket] | None = None
         self.worker_config = config
         self.wake_r, self.wake_w = socket.socketpair()
+        self.engine_name = "processes"
+        """The ready line's engine (``processes``; ``native BACKEND`` as the workers report)."""
 
     # -- the run ------------------------------------------------------------------------
 
@@ -428,7 +516,7 @@ class _Supervisor:
                     for worker in self.workers:
                         self._start(worker)
                     if self._wait_ready():
-                        engine = f"processes x {self.count}"
+                        engine = f"{self.engine_name} x {self.count}"
                         print(
                             _ready_line(self.config, reserved[0].getsockname(), engine),
                             file=self.out,
@@ -622,6 +710,8 @@ class _Supervisor:
             kind = message[0]
             if kind == "ready":
                 worker.ready = True
+                if len(message) > 2:  # a native worker names its backend
+                    self.engine_name = str(message[2])
                 if worker.restarts:
                     _log.info("worker %d restarted (pid %d)", worker.index, worker.pid)
             elif kind == "stats":
@@ -696,7 +786,10 @@ def _worker_main(
     from .. import aio
 
     try:
-        stats = aio.run(_worker_serve(config, pipe, shared))
+        if config.engine == "native":
+            stats = _worker_native(config, pipe, shared)
+        else:
+            stats = aio.run(_worker_serve(config, pipe, shared))
     except OSError as exc:
         _log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
         with contextlib.suppress(OSError):
@@ -746,3 +839,45 @@ async def _worker_serve(
     for server in servers:
         totals.add_server(server.statistics())
     return totals
+
+
+def _worker_native(config: ServerConfig, pipe: Pipe, shared: list[socket.socket] | None) -> ServerStatistics:
+    """A worker of ``native`` with ``workers``: one native loop on its own ``SO_REUSEPORT`` socket.
+
+    SIGTERM (from the parent) and the pipe's EOF (the parent is gone) both stop it.
+
+    Raises:
+        OSError: it cannot listen.
+    """
+    stopping: list[Any] = []
+    servers: list[Any] = []
+
+    def stop() -> None:
+        stopping.append(True)
+        for running in servers:
+            running.close()
+
+    # Before binding: a SIGTERM from here on is a graceful stop, never a kill.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop())
+    server = _serve_native(config, reuse_port=shared is None, sock=shared[0] if shared else None)
+    servers.append(server)
+    if stopping:
+        server.close()
+
+    def watch_parent() -> None:
+        # The parent never writes; readable means EOF: it is gone, so stop (no orphans).
+        try:
+            pipe.recv()
+        except (EOFError, OSError):
+            if not stopping:
+                _log.warning("the supervising parent is gone; stopping")
+                stop()
+
+    addresses = ", ".join(format_address(a) for a in server.addresses)
+    _log.info("listening on %s (pid %d)", addresses, os.getpid())
+    pipe.send(("ready", os.getpid(), _native_name(server)))
+    import threading
+
+    threading.Thread(target=watch_parent, name="msgsock-parent-watch", daemon=True).start()
+    stats: ServerStatistics = server.serve_forever()
+    return stats

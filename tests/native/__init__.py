@@ -1,0 +1,1 @@
+"""Tests of the native engine (msgsock.native over msgsock._engine)."""
