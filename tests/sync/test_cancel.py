@@ -20,7 +20,7 @@ import pytest
 from msgsock.exceptions import Cancelled, ConcurrencyError, ConnectionClosed, Timeout
 from msgsock.framing import encode
 from msgsock.sync import CancelToken, Connection, connect
-from msgsock.sync import connection as connection_module
+from msgsock.sync import cancel as cancel_module
 from tests.helpers import unit, wait_for
 from tests.sync import test_connection as _tc
 
@@ -266,13 +266,13 @@ def test_send_and_receive_may_block_together(sockets: Sockets) -> None:
 def entered_wait(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """An event set when a cancellable connect starts waiting for the network."""
     entered = threading.Event()
-    original = connection_module._CancellableWait.wait
+    original = cancel_module._CancellableWait.wait
 
     def wait(self: Any, sock: socket.socket, address: Any, *, write: bool) -> None:
         entered.set()
         original(self, sock, address, write=write)
 
-    monkeypatch.setattr(connection_module._CancellableWait, "wait", wait)
+    monkeypatch.setattr(cancel_module._CancellableWait, "wait", wait)
     return entered
 
 

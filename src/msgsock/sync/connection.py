@@ -1,4 +1,4 @@
-"""Blocking framed connections (SPEC §5.2): :func:`connect` and :class:`Connection`.
+"""Blocking framed connections (SPEC §5.2): :class:`Connection` (opened by :func:`connect`, in :mod:`.connect`).
 
 Theory of operation.  A :class:`Connection` is a pump over the sans-I/O
 :class:`~msgsock.protocol.MessageProtocol` (STYLE §1, §11): the protocol decides what
@@ -76,9 +76,7 @@ import dataclasses
 import errno
 import os
 import select
-import selectors
 import socket
-import ssl as _ssl
 import struct
 import sys
 import threading
@@ -88,18 +86,16 @@ from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .._net import check_port, check_timeout, set_nodelay
+from .._net import check_timeout, set_nodelay
 from ..exceptions import (
     Cancelled,
     ConcurrencyError,
     ConnectionClosed,
-    EndKind,
-    HandshakeError,
     Timeout,
 )
 from ..framing import DEFAULT_FORMAT, FrameFormat
-from ..protocol import DEFAULT_LIMITS, Action, Limits, MessageProtocol, State, Statistics, format_address
-from ..stages import Stages
+from ..protocol import DEFAULT_LIMITS, Action, Limits, MessageProtocol, State, Statistics
+from .cancel import CancelToken
 
 if TYPE_CHECKING:
     from ..proxy import ProxyInfo
@@ -132,67 +128,6 @@ _SECONDS = frozenset({int, float})
 """The timeout types receive() checks inline, without calling check_timeout (bool is not one of them)."""
 
 _OPEN = State.OPEN
-
-_STAGE_KINDS = frozenset({EndKind.TLS, EndKind.AUTHENTICATION})
-"""Ends that :func:`connect` reports as a :class:`~msgsock.exceptions.HandshakeError`."""
-
-# What a non-blocking connect() answers while the handshake is under way.
-# (Not EWOULDBLOCK on POSIX: there it is EAGAIN, which connect() uses for "no free local port".)
-_IN_PROGRESS = frozenset({errno.EINPROGRESS, getattr(errno, "WSAEWOULDBLOCK", errno.EINPROGRESS)})
-
-
-class CancelToken:
-    """A one-shot cancel switch that another thread flips (``CSocket::CancelBlockingCall``).
-
-    Pass it to :func:`connect` to make the connect (and its handshake) cancellable;
-    the token then stays attached to the :class:`Connection`, so the same
-    :meth:`cancel` also cancels the connection's blocking calls (see
-    :meth:`Connection.cancel`).  It can also be given to
-    :class:`~msgsock.sync.SocketFile`.  One token may serve several objects: cancelling
-    it cancels all of them.  It cannot be reset; make a new token for new work.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cancelled = False
-        self._callbacks: dict[int, Callable[[], object]] = {}
-        self._next_key = 0
-
-    def __repr__(self) -> str:
-        return f"<CancelToken {'cancelled' if self._cancelled else 'active'}>"
-
-    @property
-    def cancelled(self) -> bool:
-        """True once :meth:`cancel` was called."""
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """Cancel, from any thread, everything this token is attached to.  Idempotent; never blocks."""
-        with self._lock:
-            if self._cancelled:
-                return
-            self._cancelled = True
-            callbacks = list(self._callbacks.values())
-            self._callbacks.clear()
-        for callback in callbacks:
-            callback()
-
-    def _subscribe(self, callback: Callable[[], object]) -> int | None:
-        """Call ``callback`` on :meth:`cancel` (at once if already cancelled: then None is returned)."""
-        with self._lock:
-            if not self._cancelled:
-                key = self._next_key
-                self._next_key += 1
-                self._callbacks[key] = callback
-                return key
-        callback()
-        return None
-
-    def _unsubscribe(self, key: int | None) -> None:
-        """Forget a callback (a closed object must not be kept alive by a long-lived token)."""
-        if key is not None:
-            with self._lock:
-                self._callbacks.pop(key, None)
 
 
 def _nbytes(chunk: bytes | bytearray | memoryview) -> int:
@@ -916,232 +851,6 @@ class ServerConnection(Connection):
         self._settle(close=False)
 
 
-class _CancellableWait:
-    """Waits on one socket for a connect, until a deadline or a token's cancel.
-
-    The socket is non-blocking; a wake-up socket pair is the second thing waited on,
-    and the token's callback writes to it.  A byte in a socket is state, so a cancel
-    that lands before the wait starts is seen too (no lost wake-up).
-    """
-
-    def __init__(self, token: CancelToken, timeout: float | None) -> None:
-        self._token = token
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector = selectors.DefaultSelector()  # not select(): no FD_SETSIZE limit
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._key = token._subscribe(self._wake)
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # full (already woken) or closed (already done)
-
-    def check(self, address: Any) -> None:
-        """Raise Cancelled if the token was cancelled."""
-        if self._token.cancelled:
-            raise Cancelled(f"connecting to {format_address(address)} was cancelled")
-
-    def wait(self, sock: socket.socket, address: Any, *, write: bool) -> None:
-        """Wait until ``sock`` is writable (``write``) or readable.
-
-        Raises:
-            Cancelled: the token was cancelled.
-            TimeoutError: the deadline passed.
-        """
-        # On Windows a failed connect shows only as "exceptional"; the selector then
-        # watches that too for EVENT_WRITE (SelectSelector passes the write set twice).
-        self._selector.register(sock, selectors.EVENT_WRITE if write else selectors.EVENT_READ)
-        try:
-            while True:
-                self.check(address)
-                timeout = None if self._deadline is None else self._deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "timed out")
-                events = self._selector.select(timeout)
-                self.check(address)
-                if any(key.fileobj is sock for key, _ in events):
-                    return
-        finally:
-            self._selector.unregister(sock)
-
-    def close(self) -> None:
-        self._token._unsubscribe(self._key)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-
-def _open_socket(
-    info: tuple[Any, ...], connect_timeout: float | None, cancel: CancelToken | None
-) -> socket.socket:
-    """A TCP socket connected to ``info``'s address (cancellable with ``cancel``).
-
-    Raises:
-        Cancelled, TimeoutError: from the waits.
-        OSError: the connect failed (e.g. ``ConnectionRefusedError``).
-    """
-    family, type_, proto, _canonname, address = info
-    sock = socket.socket(family, type_, proto)
-    try:
-        if cancel is None:
-            sock.settimeout(connect_timeout)
-            sock.connect(address)
-            return sock
-        waiter = _CancellableWait(cancel, connect_timeout)
-        try:
-            sock.setblocking(False)
-            waiter.check(address)
-            error = sock.connect_ex(address)
-            if error in _IN_PROGRESS:
-                waiter.wait(sock, address, write=True)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
-        finally:
-            waiter.close()
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _stage_error(proto: MessageProtocol, address: Any, connect_timeout: float | None) -> Exception:
-    """The error :func:`connect` raises for a connection that ended in its stages (as ``aio.connect``)."""
-    end = proto.end
-    error = proto.closed_error()
-    if end is not None and end.kind is EndKind.HANDSHAKE_TIMEOUT and proto.stages is not None:
-        timeout = Timeout(
-            f"connecting to {format_address(address)}: {proto.stages.timeout_reason(connect_timeout or 0.0)}"
-        )
-        timeout.__cause__ = error
-        return timeout
-    if end is not None and end.kind in _STAGE_KINDS:
-        failed = HandshakeError(end.reason)
-        failed.__cause__ = error
-        return failed
-    return error
-
-
-def connect(
-    host: str = "127.0.0.1",
-    port: int = 9898,
-    *,
-    frame: FrameFormat = DEFAULT_FORMAT,
-    limits: Limits = DEFAULT_LIMITS,
-    connect_timeout: float | None = 10.0,
-    ssl: _ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    cancel: CancelToken | None = None,
-    auth_key: bytes | None = None,
-) -> Connection:
-    """Connect to a message server and return the :class:`Connection`.
-
-    ``host`` may be a name, a dotted IPv4 address or an IPv6 address; every address it
-    resolves to is tried in order (SPEC §5.2, seed 001 note 4).  With ``ssl`` the TLS
-    handshake, then with ``auth_key`` the authentication handshake (SPEC §4.2), run
-    before this returns, as the :class:`~msgsock.stages.Stages` of the connection's
-    protocol.
-
-    A failed stage is raised as :class:`~msgsock.exceptions.HandshakeError` with the
-    core's reason, the one the server logs too ("TLS handshake failed: [SSL:
-    CERTIFICATE_VERIFY_FAILED] certificate verify failed: certificate has
-    expired"); its ``__cause__`` is the :class:`~msgsock.exceptions.ConnectionClosed`
-    (``kind`` ``TLS`` or ``AUTHENTICATION``).  With TLS 1.3 a server that refuses
-    *our* certificate says so only after the handshake: without ``auth_key`` that
-    shows on the first :meth:`~Connection.receive` as ``ConnectionClosed`` (``kind``
-    ``TLS``); with ``auth_key`` it is raised here.
-
-    Args:
-        host: where to connect.
-        port: TCP port.
-        frame: the frame format both peers use.
-        limits: limits for the connection (SPEC §7).
-        connect_timeout: seconds allowed for each address (TCP connect, TLS
-            handshake and authentication handshake); None waits for ever.
-        ssl: a client ``SSLContext`` to speak TLS.
-        server_hostname: name to check the server certificate against; default ``host``.
-        cancel: a :class:`CancelToken`: another thread's ``cancel.cancel()`` aborts
-            the connect or handshake in progress (name resolution itself is not
-            interruptible; the token is checked before and after it), and the token
-            stays attached to the returned connection (see :meth:`Connection.cancel`).
-        auth_key: the shared key (at least 16 bytes) of a server that requires
-            authentication (``msgsock.auth.parse_key_file`` reads a key file).
-
-    Returns:
-        The connected :class:`Connection` (``TCP_NODELAY`` on).
-
-    Raises:
-        socket.gaierror: ``host`` cannot be resolved.
-        ConnectionRefusedError: nothing listens there (the last address's error).
-        Timeout: the last address tried timed out, or a handshake did not finish
-            within ``connect_timeout`` (not retried on other addresses).
-        Cancelled: ``cancel`` was cancelled before the connection was made (no other
-            address is tried).
-        HandshakeError: the TLS or the authentication handshake failed (not
-            retried on other addresses): "TLS handshake failed: ...", "authentication
-            failed: the server rejected our key", "...the peer does not know the key
-            (bad server proof)", or a server that does not speak the handshake ("bad
-            handshake magic ...", "connection closed by the peer before its
-            authentication hello ...").
-        ConnectionClosed: the connection ended otherwise before its stages passed.
-        ValueError: ``auth_key`` is shorter than 16 bytes; ``port`` is not an int
-            0..65535 (``port 70000: must be 0..65535``); ``connect_timeout`` is
-            negative or NaN.
-        TypeError: ``connect_timeout`` is not a number.
-        OSError: any other failure of the last address tried.
-    """
-    port = check_port(port)
-    check_timeout(connect_timeout, "connect_timeout")
-    if cancel is not None and cancel.cancelled:
-        raise Cancelled(f"connecting to {format_address((host, port))} was cancelled")
-    staged = ssl is not None or auth_key is not None
-    if auth_key is not None:
-        Stages(server_side=False, auth_key=auth_key)  # a bad key fails here, before any I/O
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    hostname = server_hostname if server_hostname is not None else host
-    error: OSError | None = None
-    for info in infos:
-        address = info[4]
-        started = time.monotonic()
-        try:
-            sock = _open_socket(info, connect_timeout, cancel)
-        except TimeoutError:
-            error = Timeout(f"connecting to {format_address(address)} timed out after {connect_timeout:g} s")
-            continue
-        except OSError as exc:
-            error = exc
-            continue
-        protocol: MessageProtocol | None = None
-        if staged:
-            # The stages share the address's connect_timeout: the protocol's handshake
-            # deadline is what is left of it.
-            left = (
-                None if connect_timeout is None else max(connect_timeout - (time.monotonic() - started), 1e-3)
-            )
-            protocol = MessageProtocol(
-                frame,
-                limits=dataclasses.replace(limits, handshake_timeout=left),
-                stages=Stages(
-                    server_side=False, ssl_context=ssl, server_hostname=hostname, auth_key=auth_key
-                ),
-                peer_address=address,
-            )
-        conn = Connection(sock, frame=frame, limits=limits, cancel=cancel, protocol=protocol)
-        try:
-            if staged and not conn._pass_stages():
-                raise _stage_error(conn.protocol, address, connect_timeout)
-            if conn.cancelled:  # cancelled before we return: the caller never gets a dead connection
-                raise Cancelled(f"connecting to {format_address(address)} was cancelled")
-        except Cancelled:
-            conn.abort()
-            raise Cancelled(f"connecting to {format_address(address)} was cancelled") from None
-        except BaseException:
-            conn.abort()
-            raise
-        return conn
-    assert error is not None  # getaddrinfo never returns an empty list
-    raise error
+# connect() lives in .connect (it needs Connection, defined above); re-exported here so
+# ``msgsock.sync.connection.connect`` stays importable.
+from .connect import connect  # noqa: E402
