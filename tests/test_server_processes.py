@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from msgsock.app.server import RESTART_DELAY_MAX, RESTART_DELAY_MIN, ServerConfig, _Supervisor
+from msgsock.app.processes import RESTART_DELAY_MAX, RESTART_DELAY_MIN, Supervisor
+from msgsock.app.server import ServerConfig
 from tests.cli_helpers import ServerProcess, run_cli, serve
 from tests.helpers import free_loopback6, unit, wait_for
 
@@ -159,7 +160,7 @@ def test_shared_socket_fallback_serves() -> None:
     patched = [
         sys.executable,
         "-c",
-        "import sys, msgsock.app.server as s; s._PER_WORKER_SOCKETS = False; "
+        "import sys, msgsock.app.processes as s; s._PER_WORKER_SOCKETS = False; "
         "from msgsock.app.cli import main; sys.exit(main())",
     ]
     with serve(*PROCESSES, program=patched) as server:
@@ -200,7 +201,7 @@ def test_port_in_use_is_exit_1_before_any_worker_starts() -> None:
 
 def test_restart_delay_doubles_to_the_cap_and_resets_after_good_service() -> None:
     """Backoff: 0.1 s doubling up to 5 s for a crash loop; back to 0.1 s after 30 s of service."""
-    supervisor = _Supervisor(ServerConfig(engine="processes", workers=1), io.StringIO())
+    supervisor = Supervisor(ServerConfig(engine="processes", workers=1), io.StringIO())
     try:
         worker = supervisor.workers[0]
         delays = []
