@@ -29,6 +29,7 @@ from typing import Any
 from .config import StressConfig, _Share
 from .conn import _OPEN
 from .hotloop import _StreamLoop
+from .native import native_stream
 from .poller import _ERR, _HUP, _IN, _OUT
 
 _monotonic_ns = time.monotonic_ns
@@ -111,6 +112,7 @@ class _Worker(_StreamLoop):
         on_read = self._on_read_udp if udp else self._on_read
         stream = self.layout is not None
         stream_round = self._stream_round
+        native = native_stream(self) if stream else None  # the C hot loop (.native), if available
         flush = self._flush_udp if udp else self._flush
         ep_fd = self.ep.fileno() if hasattr(self.ep, "fileno") else -1
         ev_in, ev_out, is_open = _IN | _ERR | _HUP, _OUT, _OPEN
@@ -183,6 +185,10 @@ class _Worker(_StreamLoop):
                 timeout = (left // 1_000_000 - 1) / 1000  # whole ms, so it never oversleeps
             else:
                 timeout = -(-left // 1_000_000) / 1000
+            # The C hot loop (.native) polls and runs stream mode's rounds until `wake`;
+            # False: an event it leaves to Python is waiting, polled for right here.
+            if native is not None and native.round(wake):
+                continue
             events = poll(timeout)
             if not events:
                 continue
