@@ -1,7 +1,7 @@
 """Which compiled extensions msgsock is using, and the switch that turns them off.
 
 msgsock is pure Python and works everywhere; where a C compiler was present at install,
-``pip install`` also built two optional extensions:
+``pip install`` also built three optional extensions:
 
 - ``msgsock._speedups``: the frame codec's hot loops (frame scanning, splitting and
   header encoding), used by :mod:`msgsock.framing` and so by every pump, server and
@@ -10,17 +10,18 @@ msgsock is pure Python and works everywhere; where a C compiler was present at i
   proves it over random formats, messages and splits.
 - ``msgsock._engine``: the native event loop behind ``msgsock serve --engine native``
   (:mod:`msgsock.native`).
+- ``msgsock._stressloop``: the stream-mode hot loop of ``msgsock stress``.
 
 Setting the environment variable ``MSGSOCK_NO_EXTENSIONS=1`` forces pure Python
 everywhere: it is read once, when this module is first imported, so set it before
 Python starts (or before the first ``import msgsock``).  Set at build time it skips
 building the extensions.  ``msgsock --version`` says what is in use, e.g.
-``msgsock 0.9.0 (native: speedups, engine)`` or
+``msgsock 0.9.0 (native: speedups, engine, stressloop)`` or
 ``msgsock 0.9.0 (pure Python: MSGSOCK_NO_EXTENSIONS=1)``.
 
 Theory of operation: this module imports the extensions (``_speedups`` at once, the
-engine on first use, since it is larger and only servers need it) and keeps the import
-error of each, so :func:`describe` can say why one is missing.  It imports nothing from
+others on first use, since only servers and the load generator need them) and keeps the
+import error of each, so :func:`describe` can say why one is missing.  It imports nothing from
 msgsock, so any module may consult it at import time.
 """
 
@@ -30,7 +31,20 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["DISABLED", "ENABLED", "available", "describe", "engine", "reason", "speedups"]
+__all__ = [
+    "DISABLED",
+    "ENABLED",
+    "NAMES",
+    "available",
+    "describe",
+    "engine",
+    "reason",
+    "speedups",
+    "stressloop",
+]
+
+NAMES = ("speedups", "engine", "stressloop")
+"""The optional extensions, each ``msgsock._NAME``."""
 
 DISABLED: bool = os.environ.get("MSGSOCK_NO_EXTENSIONS") == "1"
 """True when ``MSGSOCK_NO_EXTENSIONS=1`` was set when msgsock was imported."""
@@ -54,42 +68,44 @@ speedups: ModuleType | None = _load("_speedups")
 ENABLED: bool = speedups is not None
 """True when the compiled frame codec is in use."""
 
-_engine: ModuleType | None = None
-_engine_loaded = False
+_lazy: dict[str, ModuleType | None] = {}
 
 
-def _get_engine() -> ModuleType | None:
-    global _engine, _engine_loaded
-    if not _engine_loaded:
-        _engine = _load("_engine")
-        _engine_loaded = True
-    return _engine
+def _get(name: str) -> ModuleType | None:
+    if name == "speedups":
+        return speedups
+    if name not in _lazy:
+        _lazy[name] = _load("_" + name)
+    return _lazy[name]
 
 
 def __getattr__(name: str) -> ModuleType | None:
-    # ``engine`` is imported on first access (PEP 562), not when msgsock is.
-    if name == "engine":
-        return _get_engine()
+    # ``engine`` and ``stressloop`` are imported on first access (PEP 562), not when msgsock is.
+    if name in ("engine", "stressloop"):
+        return _get(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 engine: ModuleType | None  # declared for the type checker; __getattr__ provides it
 """The native event loop (``msgsock._engine``), or None; imported on first access."""
 
+stressloop: ModuleType | None  # as engine
+"""The load generator's stream-mode loop (``msgsock._stressloop``), or None; imported on first access."""
+
 
 def available() -> dict[str, bool]:
-    """Return which extensions are in use: ``{"speedups": bool, "engine": bool}``."""
-    return {"speedups": speedups is not None, "engine": _get_engine() is not None}
+    """Return which extensions are in use: ``{"speedups": bool, "engine": bool, "stressloop": bool}``."""
+    return {name: _get(name) is not None for name in NAMES}
 
 
 def reason(name: str) -> str | None:
-    """Why the extension ``name`` (``"speedups"`` or ``"engine"``) is not in use, or None if it is.
+    """Why the extension ``name`` (one of :data:`NAMES`) is not in use, or None if it is.
 
     Raises:
-        ValueError: ``name`` is not ``"speedups"`` nor ``"engine"``.
+        ValueError: ``name`` is not one of :data:`NAMES`.
     """
-    if name not in ("speedups", "engine"):
-        raise ValueError(f"unknown extension {name!r}; expected 'speedups' or 'engine'")
+    if name not in NAMES:
+        raise ValueError(f"unknown extension {name!r}; expected one of {', '.join(map(repr, NAMES))}")
     if available()[name]:
         return None
     if DISABLED:
@@ -100,7 +116,7 @@ def reason(name: str) -> str | None:
 def describe() -> str:
     """One line saying what is in use.
 
-    ``"native: speedups, engine"`` (or only the one built);
+    ``"native: speedups, engine, stressloop"`` (or only those built);
     ``"pure Python: MSGSOCK_NO_EXTENSIONS=1"``;
     ``"pure Python: extension not built: <import error>"``.
     """

@@ -30,7 +30,6 @@ changes, timeouts, live view and signal handling work unchanged.
 
 from __future__ import annotations
 
-import importlib
 import os
 import select
 from types import ModuleType
@@ -46,16 +45,8 @@ if TYPE_CHECKING:
 __all__ = ["REASON", "NativeStream", "native_stream"]
 
 
-def _load() -> tuple[ModuleType | None, str | None]:
-    if extensions.DISABLED:
-        return None, "MSGSOCK_NO_EXTENSIONS=1"
-    try:
-        return importlib.import_module("msgsock._stressloop"), None
-    except ImportError as exc:
-        return None, f"extension not built: {exc}"
-
-
-_MODULE, REASON = _load()
+_MODULE: ModuleType | None = extensions.stressloop
+REASON = extensions.reason("stressloop")
 """Why the native loop is not available (None when it is)."""
 
 
