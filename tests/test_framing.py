@@ -828,6 +828,7 @@ def test_parse_max_size_and_with_max_size() -> None:
         ({"length_size": 3}, "length field width 3"),
         ({"length_size": 16}, "length field width 16"),
         ({"byteorder": "middle"}, "byte order 'middle'"),
+        ({"length_size": True}, "length field width True"),
         ({"max_size": -1}, "max_size -1"),
         ({"fields_after": ("kind",)}, "is not a HeaderField"),
         ({"fields_before": (HeaderField("a", "B"),), "fields_after": (HeaderField("a", "H"),)}, "duplicate"),

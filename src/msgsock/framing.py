@@ -174,7 +174,7 @@ class FrameFormat:
     _native: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.length_size not in _LENGTH_CODES:
+        if isinstance(self.length_size, bool) or self.length_size not in _LENGTH_CODES:  # True == 1
             raise InvalidFormat(f"length field width {self.length_size!r} is not one of 1, 2, 4, 8")
         if self.byteorder not in _ORDER_PREFIX:
             raise InvalidFormat(f"byte order {self.byteorder!r} is not 'big' or 'little'")
