@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ...framing import DEFAULT_MAX_SIZE, PRESETS, FrameFormat
+from ...framing import DEFAULT_MAX_SIZE, FrameFormat
 from ...protocol import format_address
 from ...udp import DEFAULT_MAX_SIZE as DEFAULT_UDP_MAX_SIZE
 from .. import _args
@@ -111,19 +111,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-rate", type=_args.positive_float, metavar="R", help="open at most R connections per second"
     )
-    parser.add_argument(
-        "--frame",
-        type=_args.frame,
-        default=FrameFormat(),
-        help=f"frame format: a preset ({', '.join(PRESETS)}) or a format string such as "
-        "'u32be+kind:B' (default u32be; ignored with --udp)",
-    )
-    parser.add_argument(
-        "--max-size",
-        type=_args.byte_size,
-        default=None,
-        metavar="BYTES",
-        help="largest reply accepted (default 16MiB, or what the frame's length field can count)",
+    # The same --frame and --max-size as serve and client (one definition, in _args).
+    _args.add_frame_options(
+        parser,
+        max_size_help="largest reply accepted (default 16MiB, or what the frame's length field can count)",
     )
     parser.add_argument("--udp", action="store_true", help="UDP: one datagram per message, no length header")
     parser.add_argument(
@@ -171,7 +162,7 @@ def _config(args: argparse.Namespace) -> StressConfig:
     if args.udp:
         # No frames over UDP (--frame is ignored), so nothing to check the size against.
         max_size = DEFAULT_MAX_SIZE if args.max_size is None else args.max_size
-        frame: FrameFormat = args.frame.with_max_size(max_size)
+        frame: FrameFormat = (args.frame or FrameFormat()).with_max_size(max_size)
         if size_max > _UDP_MAX:
             raise _UsageError(f"--size {size_max} is above the largest UDP datagram ({_UDP_MAX} bytes)")
     else:
