@@ -8,6 +8,12 @@ target (``:class:`msgsock.FrameFormat```) and is in ``objects.inv``, but a short
 reference such as ``:exc:`Timeout``` in a docstring still resolves to the one full
 entry, ``msgsock.exceptions.Timeout``, instead of being ambiguous.
 
+A class split over modules (a large class and a private base holding one part of it,
+``msgsock.auth._Handshake``) is documented whole: :func:`document_private_bases` sets
+autodoc's ``inherited-members`` to every class name except the private bases of msgsock,
+so a class's entry lists what it inherits from those and nothing it inherits from a
+public class (documented there) or from Python.
+
 Two autodoc hooks make "every name in ``__all__`` has an entry" hold:
 
 - ``autodoc-skip-member`` keeps a module's ``__all__`` names even when they have no
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import sys
 from typing import Any, cast
 
 from docutils import nodes
 from docutils.statemachine import StringList
 from sphinx.application import Sphinx
+from sphinx.config import Config
 from sphinx.domains.python import PythonDomain
 from sphinx.pycode import ModuleAnalyzer, PycodeError
 from sphinx.util.docutils import SphinxDirective
@@ -187,9 +195,37 @@ class ConstantsDirective(SphinxDirective):
         return container.children
 
 
+def _private_base(cls: type) -> bool:
+    return cls.__name__.startswith("_") and cls.__module__.split(".")[0] == "msgsock"
+
+
+def document_private_bases(app: Sphinx, config: Config) -> None:
+    """Document what a class inherits from a private base of msgsock as the class's own.
+
+    autodoc's ``inherited-members`` names the classes whose members a subclass does
+    not repeat.  Every class met in the MRO of a class of the library is named, except
+    the private bases of msgsock: a member a class gets from one of those is documented
+    with the class, one from a public class or from Python is not.
+    """
+    import msgsock
+
+    names: set[str] = set()
+    for info in pkgutil.walk_packages(msgsock.__path__, "msgsock."):
+        if info.name.startswith("msgsock.app") or info.name.startswith("msgsock._"):
+            continue  # the applications are not in the reference (and need their extras)
+        module = importlib.import_module(info.name)
+        for value in vars(module).values():
+            if inspect.isclass(value):
+                names.update(base.__name__ for base in value.__mro__ if not _private_base(base))
+    options = dict(config.autodoc_default_options)
+    options["inherited-members"] = ",".join(sorted(names))
+    config.autodoc_default_options = options
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("msgsock-exports", ExportsDirective)
     app.add_directive("msgsock-constants", ConstantsDirective)
+    app.connect("config-inited", document_private_bases)
     app.connect("autodoc-skip-member", keep_public_members)
     app.connect("autodoc-process-docstring", fill_reexported_data_doc)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
