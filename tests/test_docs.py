@@ -299,9 +299,9 @@ def test_sphinx_build(tmp_path: Path) -> None:
 def _public_members(cls: object) -> list[str]:
     """The public methods and properties of a msgsock class that its own entry must list.
 
-    A member defined on the class, or on a private base of msgsock (a large class split
-    over modules), belongs to the class's entry; one from a public base is documented
-    there.
+    A member defined on the class, or on a private base of msgsock (a class no
+    ``__all__`` names: one part of a large class split over modules), belongs to the
+    class's entry; one from a public base is documented there.
     """
     if not inspect.isclass(cls) or not cls.__module__.startswith("msgsock"):
         return []
@@ -310,7 +310,7 @@ def _public_members(cls: object) -> list[str]:
         if member.startswith("_"):
             continue
         owner = next(base for base in cls.__mro__ if member in vars(base))
-        private_base = owner.__name__.startswith("_") and owner.__module__.startswith("msgsock")
+        private_base = owner.__module__.startswith("msgsock.") and not _exported(owner)
         if owner is not cls and not private_base:
             continue
         value = vars(owner)[member]
@@ -319,3 +319,14 @@ def _public_members(cls: object) -> list[str]:
         if (inspect.isfunction(value) or isinstance(value, property)) and inspect.getdoc(value):
             names.append(member)
     return names
+
+
+def _exported(cls: type) -> bool:
+    """Whether the ``__all__`` of a public msgsock module (no ``_`` in its path) names ``cls``."""
+    for name, module in list(sys.modules.items()):
+        parts = name.split(".")
+        if parts[0] != "msgsock" or any(part.startswith("_") for part in parts):
+            continue
+        if cls.__name__ in getattr(module, "__all__", ()) and getattr(module, cls.__name__, None) is cls:
+            return True
+    return False

@@ -8,11 +8,12 @@ target (``:class:`msgsock.FrameFormat```) and is in ``objects.inv``, but a short
 reference such as ``:exc:`Timeout``` in a docstring still resolves to the one full
 entry, ``msgsock.exceptions.Timeout``, instead of being ambiguous.
 
-A class split over modules (a large class and a private base holding one part of it,
-``msgsock.auth._Handshake``) is documented whole: :func:`document_private_bases` sets
-autodoc's ``inherited-members`` to every class name except the private bases of msgsock,
-so a class's entry lists what it inherits from those and nothing it inherits from a
-public class (documented there) or from Python.
+A class split over modules (a large class and a private base holding one part of it:
+``msgsock.auth._Handshake``, ``msgsock._lifecycle.Lifecycle``) is documented whole.
+:func:`document_private_bases` sets autodoc's ``inherited-members`` to every class
+name except the private bases of msgsock, so a class's entry lists what it inherits
+from those and nothing it inherits from a public class (documented there) or from
+Python; :func:`hide_private_bases` leaves the private base out of the entry's "Bases".
 
 Two autodoc hooks make "every name in ``__all__`` has an entry" hold:
 
@@ -196,7 +197,29 @@ class ConstantsDirective(SphinxDirective):
 
 
 def _private_base(cls: type) -> bool:
-    return cls.__name__.startswith("_") and cls.__module__.split(".")[0] == "msgsock"
+    """A class of msgsock that no public module's ``__all__`` names (``msgsock.auth._Handshake``)."""
+    if cls.__module__.split(".")[0] != "msgsock":
+        return False
+    for module_name, module in list(sys.modules.items()):
+        parts = module_name.split(".")
+        if parts[0] != "msgsock" or any(part.startswith("_") for part in parts):
+            continue
+        if cls.__name__ in getattr(module, "__all__", ()) and getattr(module, cls.__name__, None) is cls:
+            return False
+    return True
+
+
+def hide_private_bases(app: Sphinx, name: str, obj: Any, options: Any, bases: list[type]) -> None:
+    """Show a class's public bases: a private base of msgsock is replaced by its own bases."""
+    shown: list[type] = []
+    pending = list(bases)
+    while pending:
+        base = pending.pop(0)
+        if _private_base(base):
+            pending[:0] = list(base.__bases__)
+        elif base not in shown:
+            shown.append(base)
+    bases[:] = shown
 
 
 def document_private_bases(app: Sphinx, config: Config) -> None:
@@ -226,6 +249,7 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("msgsock-exports", ExportsDirective)
     app.add_directive("msgsock-constants", ConstantsDirective)
     app.connect("config-inited", document_private_bases)
+    app.connect("autodoc-process-bases", hide_private_bases)
     app.connect("autodoc-skip-member", keep_public_members)
     app.connect("autodoc-process-docstring", fill_reexported_data_doc)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
