@@ -5,7 +5,7 @@ One exception, and only one: ``stages.py`` drives TLS with ``ssl.SSLObject`` ove
 importing :mod:`ssl` loads :mod:`socket` (and with it ``select`` and ``selectors``)
 whatever we use of it.  ``serving.py`` names ``ssl.SSLContext`` in an annotation
 and imports ``stages``.  Those two may import ``ssl``; a module that imports
-``stages`` (``protocol``, ``serving``) may load exactly what ``import ssl`` loads
+``stages`` (``_lifecycle``, ``protocol``, ``serving``) may load exactly what ``import ssl`` loads
 in a bare interpreter, nothing more; every other core module nothing at all.
 """
 
@@ -24,7 +24,18 @@ from .helpers import unit
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "msgsock"
 
-CORE = ["exceptions", "extensions", "framing", "protocol", "stages", "serving", "archive", "proxy", "auth"]
+CORE = [
+    "exceptions",
+    "extensions",
+    "framing",
+    "_lifecycle",
+    "protocol",
+    "stages",
+    "serving",
+    "archive",
+    "proxy",
+    "auth",
+]
 """Core module names; those not written yet are skipped."""
 
 FORBIDDEN = {"socket", "selectors", "asyncio", "threading", "time", "ssl", "select"}
@@ -32,8 +43,8 @@ FORBIDDEN = {"socket", "selectors", "asyncio", "threading", "time", "ssl", "sele
 SSL_IMPORTERS = {"stages", "serving"}
 """Core modules whose source may import ssl: stages for SSLObject/MemoryBIO, serving for a type annotation."""
 
-THROUGH_STAGES = {"stages", "protocol", "serving"}
-"""Core modules that load stages when imported (and so ssl): protocol gives its connections Stages."""
+THROUGH_STAGES = {"stages", "_lifecycle", "protocol", "serving"}
+"""Core modules that load stages when imported (and so ssl): ``_lifecycle`` (protocol's base) runs its connections' Stages."""
 
 SSL_NAMES = {"SSLContext", "SSLObject", "MemoryBIO", "SSLError", "SSLWantReadError", "SSLZeroReturnError"}
 """What the core may use of ssl: memory-BIO TLS and its errors (no ssl socket)."""
