@@ -85,11 +85,10 @@ from ..exceptions import ConnectionClosed, EndKind, InvalidState
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Action, End, Limits, MessageProtocol, State, Statistics
 from ..stages import Stage, Stages
+from ._engine import _EVENT_READ, _EVENT_WRITE, _on_reactor, _State
 from .dispatch import Dispatcher
 from .reactor import Reactor, TimerHandle
 from .socket import (
-    _EVENT_READ,
-    _EVENT_WRITE,
     DATAGRAM,
     FD_ACCEPT,
     FD_CLOSE,
@@ -98,8 +97,6 @@ from .socket import (
     FD_WRITE,
     AsyncSocket,
     SocketKind,
-    _on_reactor,
-    _State,
 )
 
 __all__ = ["HandshakeStage", "MessageSocket"]

@@ -56,7 +56,7 @@ from ..exceptions import InvalidState, Timeout
 from .dispatch import Dispatcher
 
 if TYPE_CHECKING:
-    from .socket import AsyncSocket
+    from ._engine import _SocketEngine
 
 __all__ = ["Reactor", "TimerHandle"]
 
@@ -125,13 +125,13 @@ class Reactor:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r.fileno(), selectors.EVENT_READ, _WAKE)
         self._oob_epoll: Any = None  # select.epoll on Linux, created on first use
-        self._oob_socks: dict[int, AsyncSocket] = {}
+        self._oob_socks: dict[int, _SocketEngine] = {}
         self._lock = threading.Lock()
         self._ready: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
         self._wake_pending = False
         self._timers: list[TimerHandle] = []
-        self._dirty: set[AsyncSocket] = set()
-        self._sockets: set[AsyncSocket] = set()
+        self._dirty: set[_SocketEngine] = set()
+        self._sockets: set[_SocketEngine] = set()
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         self._stopping = False
@@ -309,17 +309,17 @@ class Reactor:
 
     # -- socket bookkeeping (reactor thread, or inline) --------------------------------
 
-    def _add(self, sock: AsyncSocket) -> None:
+    def _add(self, sock: _SocketEngine) -> None:
         self._sockets.add(sock)
 
-    def _remove(self, sock: AsyncSocket) -> None:
+    def _remove(self, sock: _SocketEngine) -> None:
         self._sockets.discard(sock)
         self._dirty.discard(sock)
 
-    def _mark_dirty(self, sock: AsyncSocket) -> None:
+    def _mark_dirty(self, sock: _SocketEngine) -> None:
         self._dirty.add(sock)
 
-    def _watch_oob(self, sock: AsyncSocket, fd: int) -> None:
+    def _watch_oob(self, sock: _SocketEngine, fd: int) -> None:
         self._oob_socks[fd] = sock
         if _HAS_EPOLL:
             if self._oob_epoll is None:

@@ -39,10 +39,11 @@ from ..exceptions import InvalidState
 from ..framing import DEFAULT_FORMAT, FrameFormat
 from ..protocol import DEFAULT_LIMITS, Limits, MessageProtocol
 from ..serving import ServerProtocol, ServerStatistics
+from ._engine import _on_reactor
 from .dispatch import direct
 from .message import MessageSocket
 from .reactor import Reactor, TimerHandle
-from .socket import FD_ACCEPT, AsyncSocket, WouldBlock, _on_reactor
+from .socket import FD_ACCEPT, AsyncSocket, WouldBlock
 
 __all__ = ["Handler", "MessageServer"]
 
